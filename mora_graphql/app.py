@@ -1,0 +1,215 @@
+"""Starlette application factory and the process-wide services."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
+from strawberry.asgi import GraphQL
+from strawberry.exceptions import ConnectionRejectionError
+from strawberry.types.unset import UnsetType
+
+from mora_graphql.auth.tokens import bearer_token, decode_access_token
+from mora_graphql.config import Settings, get_settings
+from mora_graphql.db import Database, create_engine, create_sessionmaker
+from mora_graphql.errors import MoraError
+from mora_graphql.events.bus import EventBus, MemoryEventBus
+from mora_graphql.graphql.context import Context
+from mora_graphql.graphql.schema import build_schema
+from mora_graphql.jobs.base import JobQueue
+from mora_graphql.logging import configure_logging
+
+log = structlog.get_logger("mora")
+REQUESTS = Counter("mora_http_requests_total", "HTTP requests", ["method", "status"])
+
+
+@dataclass
+class Services:
+    """Everything a request or a job needs, created once per process."""
+
+    settings: Settings
+    engine: AsyncEngine
+    db: Database
+    bus: EventBus
+    queue: JobQueue
+    http: httpx.AsyncClient
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    async def aclose(self) -> None:
+        await self.queue.stop()
+        await self.bus.close()
+        await self.http.aclose()
+        await self.engine.dispose()
+
+
+async def create_services(settings: Settings, *, start_jobs: bool = True) -> Services:
+    from mora_graphql.jobs.inprocess import InProcessQueue
+    from mora_graphql.pipeline.run import PipelineRunner
+
+    engine = create_engine(settings)
+    db = create_sessionmaker(engine)
+    bus: EventBus = MemoryEventBus(retention=settings.event_retention, buffer=settings.subscriber_buffer)
+    http = httpx.AsyncClient(timeout=settings.bibigpt_timeout, follow_redirects=True)
+    runner_box: list[PipelineRunner] = []
+
+    async def job(session_id: uuid.UUID) -> None:
+        await runner_box[0].run(session_id)
+
+    queue = InProcessQueue(job, concurrency=settings.job_concurrency)
+    services = Services(settings=settings, engine=engine, db=db, bus=bus, queue=queue, http=http)
+    runner = PipelineRunner(services, shutting_down=lambda: queue.shutting_down)
+    runner_box.append(runner)
+    services.extras["runner"] = runner
+    if start_jobs:
+        await queue.start()
+        await runner.resume_unfinished()
+    return services
+
+
+class MoraGraphQL(GraphQL[Context, None]):
+    def __init__(self, services_ref: Callable[[], Services], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._services = services_ref
+
+    async def get_context(self, request: Request | WebSocket, response: Response | WebSocket) -> Context:  # type: ignore[override]
+        return Context(services=self._services(), request=request, response=response)
+
+    async def on_ws_connect(self, context: Context) -> UnsetType | dict[str, object] | None:
+        params = context.connection_params if isinstance(context.connection_params, dict) else {}
+        raw = params.get("Authorization") or params.get("authorization") or params.get("authToken")
+        if raw is None:
+            context.set_principal(None)
+            return None
+        try:
+            token = bearer_token(str(raw))
+            context.set_principal(decode_access_token(context.services.settings, token) if token else None)
+        except MoraError as exc:
+            raise ConnectionRejectionError({"code": exc.code.name, "message": exc.message}) from exc
+        return None
+
+
+class RequestIdMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in {"http", "websocket"}:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        status = {"code": 0}
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if scope["type"] == "http":
+                REQUESTS.labels(scope.get("method", ""), str(status["code"])).inc()
+            structlog.contextvars.unbind_contextvars("request_id")
+
+
+def create_app(settings: Settings | None = None, *, services: Services | None = None) -> Starlette:
+    settings = settings or get_settings()
+    configure_logging(settings.log_level, json=settings.json_logs)
+    holder: dict[str, Services] = {}
+    if services is not None:
+        holder["services"] = services
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        owned = "services" not in holder
+        if owned:
+            if settings.is_sqlite:
+                from mora_graphql.migrate import upgrade_database
+
+                await asyncio.to_thread(upgrade_database, settings.database_url)
+            holder["services"] = await create_services(settings)
+        log.info("mora started", environment=settings.environment, database=settings.is_sqlite and "sqlite" or "postgresql")
+        try:
+            yield
+        finally:
+            if owned:
+                await holder.pop("services").aclose()
+
+    graphql_app = MoraGraphQL(
+        lambda: holder["services"],
+        schema=build_schema(settings),
+        graphql_ide="graphiql" if settings.graphiql_enabled else None,
+        allow_queries_via_get=False,
+        allowed_origins=settings.cors_origins,
+    )
+
+    async def health(_request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(_request: Request) -> Response:
+        checks: dict[str, str] = {}
+        current = holder.get("services")
+        ok = current is not None
+        if current is not None:
+            try:
+                async with current.engine.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
+                checks["database"] = "ok"
+            except Exception as exc:
+                log.warning("readiness: database", error=type(exc).__name__)
+                checks["database"] = "unavailable"
+                ok = False
+            probe: Callable[[], Awaitable[bool]] | None = current.extras.get("redis_ping")
+            if probe is not None:
+                healthy = await probe()
+                checks["redis"] = "ok" if healthy else "unavailable"
+                ok = ok and healthy
+        return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+
+    async def metrics(_request: Request) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    middleware = [Middleware(RequestIdMiddleware)]
+    if settings.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origins,
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            )
+        )
+    app = Starlette(
+        routes=[
+            Route("/graphql", graphql_app, methods=["GET", "POST"]),
+            WebSocketRoute("/graphql", graphql_app),
+            Route("/health", health),
+            Route("/ready", ready),
+            Route("/metrics", metrics),
+        ],
+        middleware=middleware,
+        lifespan=lifespan,
+    )
+    app.state.services = holder
+    return app

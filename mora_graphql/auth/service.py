@@ -1,0 +1,80 @@
+"""Accounts: registration, login, the current user."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from mora_graphql.auth.passwords import hash_password, verify_password
+from mora_graphql.auth.repository import UserRepository
+from mora_graphql.auth.tokens import Principal, issue_access_token
+from mora_graphql.config import Settings
+from mora_graphql.errors import BadUserInput, Conflict, Unauthenticated
+from mora_graphql.models import Role, User
+
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}\.[^@\s]{2,63}$")
+MIN_PASSWORD = 8
+MAX_PASSWORD = 128
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResult:
+    user: User
+    access_token: str
+    expires_in: int
+
+
+def normalize_email(email: str) -> str:
+    value = email.strip().lower()
+    if len(value) > 320 or not _EMAIL.match(value):
+        raise BadUserInput("email is not a valid address.", extensions={"field": "email"})
+    return value
+
+
+def check_password(password: str) -> None:
+    if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
+        raise BadUserInput(
+            f"password must be {MIN_PASSWORD} to {MAX_PASSWORD} characters long.",
+            extensions={"field": "password"},
+        )
+
+
+class AuthService:
+    def __init__(self, session: AsyncSession, settings: Settings) -> None:
+        self.users = UserRepository(session)
+        self.session = session
+        self.settings = settings
+
+    async def register(self, email: str, password: str, role: Role = Role.USER) -> AuthResult:
+        address = normalize_email(email)
+        check_password(password)
+        if await self.users.by_email(address) is not None:
+            raise Conflict("An account with this email already exists.")
+        try:
+            async with self.session.begin_nested():
+                user = await self.users.add(address, hash_password(password), role)
+        except IntegrityError as exc:
+            raise Conflict("An account with this email already exists.") from exc
+        return self._result(user)
+
+    async def login(self, email: str, password: str) -> AuthResult:
+        try:
+            address = normalize_email(email)
+        except BadUserInput:
+            address = None
+        user = await self.users.by_email(address) if address else None
+        if len(password) > MAX_PASSWORD:
+            raise Unauthenticated("Invalid email or password.")
+        if not verify_password(password, user.password_hash if user else None) or user is None:
+            raise Unauthenticated("Invalid email or password.")
+        return self._result(user)
+
+    async def current_user(self, principal: Principal) -> User | None:
+        return await self.users.get(principal.user_id)
+
+    def _result(self, user: User) -> AuthResult:
+        token, ttl = issue_access_token(self.settings, user.id, user.role)
+        return AuthResult(user, token, ttl)

@@ -1,0 +1,126 @@
+"""The `mora` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import os
+import sys
+from pathlib import Path
+
+from mora_graphql.config import SettingsError, get_settings
+
+
+def _settings_or_exit():  # type: ignore[no-untyped-def]
+    try:
+        return get_settings()
+    except SettingsError as exc:
+        sys.exit(f"mora: configuration error: {exc}")
+    except ValueError as exc:
+        message = str(exc).split("\nFor further information")[0]
+        if "SECRET_KEY" in message:
+            message = message[message.index("SECRET_KEY") :]
+        sys.exit(f"mora: configuration error: {message}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from mora_graphql.app import create_app
+
+    settings = _settings_or_exit()
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=args.host or settings.host,
+        port=args.port or settings.port,
+        log_level=settings.log_level.lower(),
+        proxy_headers=True,
+        ws_max_size=1_048_576,
+    )
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    from mora_graphql.migrate import downgrade_database, upgrade_database
+
+    settings = _settings_or_exit()
+    if args.downgrade:
+        downgrade_database(settings.database_url, args.downgrade)
+    else:
+        upgrade_database(settings.database_url, args.revision)
+
+
+def cmd_export_schema(args: argparse.Namespace) -> None:
+    from mora_graphql.graphql.schema import build_schema
+
+    sdl = build_schema(_settings_or_exit()).as_str() + "\n"
+    if args.output == "-":
+        sys.stdout.write(sdl)
+    else:
+        Path(args.output).write_text(sdl, encoding="utf-8")
+
+
+async def _create_user(email: str, password: str, admin: bool) -> str:
+    from mora_graphql.auth.service import AuthService
+    from mora_graphql.db import create_engine, create_sessionmaker, transaction
+    from mora_graphql.models import Role
+
+    settings = _settings_or_exit()
+    engine = create_engine(settings)
+    try:
+        async with transaction(create_sessionmaker(engine)) as session:
+            result = await AuthService(session, settings).register(
+                email, password, Role.ADMIN if admin else Role.USER
+            )
+        return str(result.user.id)
+    finally:
+        await engine.dispose()
+
+
+def cmd_user_create(args: argparse.Namespace) -> None:
+    from mora_graphql.errors import MoraError
+
+    password = os.environ.get("MORA_USER_PASSWORD") or getpass.getpass("Password: ")
+    try:
+        user_id = asyncio.run(_create_user(args.email, password, args.admin))
+    except MoraError as exc:
+        sys.exit(f"mora: {exc.message}")
+    role = "admin" if args.admin else "user"
+    print(f"created {role} {args.email} ({user_id})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mora", description="Mora GraphQL server")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the API server (migrates an embedded SQLite database)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.set_defaults(func=cmd_serve)
+
+    migrate = sub.add_parser("migrate", help="upgrade the database schema")
+    migrate.add_argument("revision", nargs="?", default="head")
+    migrate.add_argument("--downgrade", metavar="REVISION", help="downgrade to REVISION (e.g. base)")
+    migrate.set_defaults(func=cmd_migrate)
+
+    export = sub.add_parser("export-schema", help="print the GraphQL SDL")
+    export.add_argument("-o", "--output", default="-")
+    export.set_defaults(func=cmd_export_schema)
+
+    user = sub.add_parser("user", help="manage users")
+    user_sub = user.add_subparsers(dest="user_command", required=True)
+    create = user_sub.add_parser("create", help="create a user (password from MORA_USER_PASSWORD or a prompt)")
+    create.add_argument("email")
+    create.add_argument("--admin", action="store_true")
+    create.set_defaults(func=cmd_user_create)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""All settings, read from the environment and `.env`."""
+
+from __future__ import annotations
+
+import secrets
+from functools import lru_cache
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///./mora.db"
+
+
+class SettingsError(RuntimeError):
+    """The configuration cannot be used; the message says how to fix it."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_ignore_empty=True, extra="ignore", validate_default=True
+    )
+
+    environment: Literal["development", "production", "test"] = "development"
+    secret_key: SecretStr | None = None
+    log_level: str = "INFO"
+    log_json: bool | None = None
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    database_url: str = DEFAULT_SQLITE_URL
+    database_pool_size: int = 10
+    database_echo: bool = False
+    redis_url: str | None = None
+
+    bibigpt_api_key: SecretStr | None = None
+    bibigpt_api_url: str = "https://api.bibigpt.co/api"
+    bibigpt_timeout: float = 60.0
+
+    deepseek_api_key: SecretStr | None = None
+    deepseek_api_url: str = "https://api.deepseek.com"
+    deepseek_model: str = "deepseek-v4-flash"
+    deepseek_timeout: float = 120.0
+    deepseek_temperature: float = 0.2
+    deepseek_max_retries: int = 3
+    deepseek_retry_base_delay: float = 0.5
+    llm_prompt_token_budget: int = 48_000
+    llm_max_output_tokens: int = 8_192
+
+    enable_cache: bool = True
+    cache_ttl: int = 86_400
+    video_cache_ttl: int = 7 * 86_400
+    max_video_duration: int = 7_200
+    max_requests_per_minute: int = 10
+    max_subtitles_bytes: int = 2_000_000
+    max_video_url_length: int = 2_048
+
+    access_token_ttl: int = 900
+    jwt_issuer: str = "mora-graphql"
+    jwt_audience: str = "mora-graphql"
+
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    graphiql: bool | None = None
+
+    job_concurrency: int = 8
+    checkpoint_interval: float = 1.0
+    event_retention: int = 10_000
+    subscriber_buffer: int = 1_000
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check_production(self) -> Settings:
+        if self.environment == "production":
+            if self.secret_key is None or len(self.secret_key.get_secret_value()) < 32:
+                raise SettingsError(
+                    "SECRET_KEY must be set to a random string of at least 32 characters "
+                    "when ENVIRONMENT=production (for example: "
+                    'python -c "import secrets; print(secrets.token_urlsafe(48))")'
+                )
+        elif self.secret_key is None:
+            self.secret_key = SecretStr(secrets.token_urlsafe(48))
+        return self
+
+    @property
+    def is_production(self) -> bool:
+        return self.environment == "production"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def graphiql_enabled(self) -> bool:
+        return (not self.is_production) if self.graphiql is None else self.graphiql
+
+    @property
+    def json_logs(self) -> bool:
+        return self.is_production if self.log_json is None else self.log_json
+
+    @property
+    def signing_key(self) -> str:
+        assert self.secret_key is not None
+        return self.secret_key.get_secret_value()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

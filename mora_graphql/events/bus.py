@@ -1,0 +1,128 @@
+"""The event bus: live fan-out plus replay of retained events by `seq`."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Protocol
+
+from mora_graphql.events.types import SessionEvent
+
+
+class Subscriber:
+    """A bounded buffer for one subscriber; a full buffer marks it lagging instead of blocking."""
+
+    def __init__(self, session_id: uuid.UUID, maxsize: int) -> None:
+        self.session_id = session_id
+        self.queue: asyncio.Queue[SessionEvent] = asyncio.Queue(maxsize)
+        self.lagging = False
+
+    def offer(self, event: SessionEvent) -> None:
+        if self.lagging:
+            return
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.lagging = True
+
+    async def get(self) -> SessionEvent:
+        return await self.queue.get()
+
+    def reset(self) -> None:
+        """Forget the buffer after the caller caught up through replay."""
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.lagging = False
+
+
+class EventBus(Protocol):
+    async def publish(self, event: SessionEvent) -> None: ...
+
+    def subscribe(self, session_id: uuid.UUID) -> AsyncIteratorContext: ...
+
+    async def replay(self, session_id: uuid.UUID, after_seq: int) -> list[SessionEvent] | None:
+        """Retained events with seq > after_seq; None when some of them are no longer kept."""
+        ...
+
+    async def last_seq(self, session_id: uuid.UUID) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+class AsyncIteratorContext(Protocol):
+    async def __aenter__(self) -> Subscriber: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+
+class MemoryEventBus:
+    """Single-process bus: per-session ring buffer and in-process fan-out."""
+
+    def __init__(self, *, retention: int = 10_000, buffer: int = 1_000, ttl: float = 600) -> None:
+        self.retention = retention
+        self.buffer = buffer
+        self.ttl = ttl
+        self._events: dict[uuid.UUID, deque[SessionEvent]] = {}
+        self._last: dict[uuid.UUID, int] = {}
+        self._subscribers: dict[uuid.UUID, set[Subscriber]] = {}
+        self._expiry: dict[uuid.UUID, asyncio.TimerHandle] = {}
+
+    async def publish(self, event: SessionEvent) -> None:
+        sid = event.session_id
+        if event.seq <= self._last.get(sid, 0):
+            return
+        self._last[sid] = event.seq
+        self._events.setdefault(sid, deque(maxlen=self.retention)).append(event)
+        for subscriber in self._subscribers.get(sid, ()):
+            subscriber.offer(event)
+        if event.is_terminal:
+            self._schedule_expiry(sid)
+        elif handle := self._expiry.pop(sid, None):
+            handle.cancel()
+
+    def _schedule_expiry(self, sid: uuid.UUID) -> None:
+        if handle := self._expiry.pop(sid, None):
+            handle.cancel()
+        loop = asyncio.get_running_loop()
+        self._expiry[sid] = loop.call_later(self.ttl, self._expire, sid)
+
+    def _expire(self, sid: uuid.UUID) -> None:
+        self._expiry.pop(sid, None)
+        self._events.pop(sid, None)
+        self._last.pop(sid, None)
+
+    @asynccontextmanager
+    async def _subscription(self, session_id: uuid.UUID) -> AsyncIterator[Subscriber]:
+        subscriber = Subscriber(session_id, self.buffer)
+        self._subscribers.setdefault(session_id, set()).add(subscriber)
+        try:
+            yield subscriber
+        finally:
+            subscribers = self._subscribers.get(session_id)
+            if subscribers is not None:
+                subscribers.discard(subscriber)
+                if not subscribers:
+                    del self._subscribers[session_id]
+
+    def subscribe(self, session_id: uuid.UUID) -> AsyncIteratorContext:
+        return self._subscription(session_id)
+
+    async def replay(self, session_id: uuid.UUID, after_seq: int) -> list[SessionEvent] | None:
+        events = self._events.get(session_id)
+        last = self._last.get(session_id, 0)
+        if after_seq >= last:
+            return [] if last or after_seq == 0 else None
+        if not events or events[0].seq > after_seq + 1:
+            return None
+        return [event for event in events if event.seq > after_seq]
+
+    async def last_seq(self, session_id: uuid.UUID) -> int:
+        return self._last.get(session_id, 0)
+
+    async def close(self) -> None:
+        for handle in self._expiry.values():
+            handle.cancel()
+        self._expiry.clear()

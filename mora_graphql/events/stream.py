@@ -1,0 +1,138 @@
+"""Follow one session: a snapshot (or a replay), then every later event, gap-free, in order."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from mora_graphql.db import Database, utcnow
+from mora_graphql.errors import NotFound
+from mora_graphql.events.bus import EventBus, Subscriber
+from mora_graphql.events.types import EventKind, SessionEvent
+from mora_graphql.models import SessionStatus, VideoSession
+from mora_graphql.sessions.repository import SessionRepository
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    seq: int
+    row: VideoSession
+    at: dt.datetime
+
+
+def terminal_event(row: VideoSession) -> SessionEvent:
+    """The terminal event of a finished session, rebuilt from its stored state."""
+    kind = {
+        SessionStatus.COMPLETED: EventKind.COMPLETED,
+        SessionStatus.ERROR: EventKind.FAILED,
+        SessionStatus.CANCELLED: EventKind.CANCELLED,
+    }[row.status]
+    payload = None
+    if kind is EventKind.FAILED:
+        payload = json.dumps({"code": row.error_code, "message": row.error_message})
+    return SessionEvent(
+        session_id=row.id,
+        seq=row.last_seq,
+        kind=kind,
+        at=row.completed_at or row.updated_at,
+        status=row.status,
+        stage=row.stage,
+        progress=row.progress,
+        payload=payload,
+    )
+
+
+async def _load(db: Database, session_id: uuid.UUID, owner_id: uuid.UUID | None) -> VideoSession:
+    async with db() as session:
+        row = await SessionRepository(session).get_visible(session_id, owner_id)
+    if row is None:
+        raise NotFound("Session not found.")
+    return row
+
+
+async def follow_session(
+    db: Database,
+    bus: EventBus,
+    session_id: uuid.UUID,
+    *,
+    owner_id: uuid.UUID | None,
+    after_seq: int | None = None,
+) -> AsyncIterator[Snapshot | SessionEvent]:
+    """Raises NotFound before yielding anything when the session is absent or not visible."""
+    async with bus.subscribe(session_id) as subscriber:
+        row = await _load(db, session_id, owner_id)
+        last = -1
+        replayed = await bus.replay(session_id, after_seq) if after_seq is not None else None
+        if after_seq is not None and replayed is not None:
+            last = after_seq
+            for event in replayed:
+                yield event
+                last = event.seq
+                if event.is_terminal:
+                    return
+            if row.status.is_terminal and last >= row.last_seq:
+                return
+        else:
+            async for item in _snapshot(row):
+                yield item
+            if row.status.is_terminal:
+                return
+            last = row.last_seq
+
+        while True:
+            if subscriber.lagging:
+                async for item, seq in _catch_up(db, bus, subscriber, session_id, owner_id, last):
+                    yield item
+                    last = seq
+                    if _is_end(item):
+                        return
+                continue
+            event = await subscriber.get()
+            if event.seq <= last:
+                continue
+            if event.seq > last + 1:
+                async for item, seq in _catch_up(db, bus, subscriber, session_id, owner_id, last):
+                    yield item
+                    last = seq
+                    if _is_end(item):
+                        return
+                continue
+            yield event
+            last = event.seq
+            if event.is_terminal:
+                return
+
+
+def _is_end(item: Snapshot | SessionEvent) -> bool:
+    return isinstance(item, SessionEvent) and item.is_terminal
+
+
+async def _snapshot(row: VideoSession) -> AsyncIterator[Snapshot | SessionEvent]:
+    if row.status.is_terminal:
+        yield Snapshot(max(row.last_seq - 1, 0), row, utcnow())
+        yield terminal_event(row)
+    else:
+        yield Snapshot(row.last_seq, row, utcnow())
+
+
+async def _catch_up(
+    db: Database,
+    bus: EventBus,
+    subscriber: Subscriber,
+    session_id: uuid.UUID,
+    owner_id: uuid.UUID | None,
+    last: int,
+) -> AsyncIterator[tuple[Snapshot | SessionEvent, int]]:
+    subscriber.reset()
+    events = await bus.replay(session_id, last)
+    if events is not None:
+        for event in events:
+            yield event, event.seq
+        return
+    row = await _load(db, session_id, owner_id)
+    async for item in _snapshot(row):
+        if item.seq > last:
+            yield item, item.seq

@@ -1,0 +1,54 @@
+"""The typed context every resolver receives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.websockets import WebSocket
+from strawberry.types import Info as StrawberryInfo
+
+from mora_graphql.auth.tokens import Principal, bearer_token, decode_access_token
+from mora_graphql.errors import Unauthenticated
+
+if TYPE_CHECKING:
+    from mora_graphql.app import Services
+
+
+@dataclass
+class Context:
+    services: Services
+    request: Request | WebSocket
+    response: Response | WebSocket | None = None
+    connection_params: dict[str, Any] | None = None
+    _principal: Principal | None = field(default=None, repr=False)
+    _principal_resolved: bool = field(default=False, repr=False)
+
+    def set_principal(self, principal: Principal | None) -> None:
+        self._principal = principal
+        self._principal_resolved = True
+
+    def principal(self) -> Principal | None:
+        """The caller proven by the token; None when no token was sent; raises on a bad one."""
+        if not self._principal_resolved:
+            token = bearer_token(self.request.headers.get("authorization"))
+            self.set_principal(
+                decode_access_token(self.services.settings, token) if token else None
+            )
+        return self._principal
+
+    def require_user(self) -> Principal:
+        principal = self.principal()
+        if principal is None:
+            raise Unauthenticated("Authentication is required: send 'Authorization: Bearer <token>'.")
+        return principal
+
+    @property
+    def client_ip(self) -> str:
+        client = self.request.client
+        return client.host if client else "unknown"
+
+
+Info = StrawberryInfo[Context, None]

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+
+import strawberry
+
+from mora_graphql.errors import BadUserInput, NotFound
+from mora_graphql.events.stream import follow_session
+from mora_graphql.graphql.context import Info
+from mora_graphql.graphql.events import SessionEvent, to_graphql
+from mora_graphql.sessions.service import parse_id
+
+
+@strawberry.type
+class Subscription:
+    @strawberry.subscription(
+        description=(
+            "A snapshot (or, with afterSeq, the events after it), then every later event in "
+            "order; completes after the terminal event."
+        )
+    )
+    async def session_progress(
+        self, info: Info, session_id: strawberry.ID, after_seq: int | None = None
+    ) -> AsyncGenerator[SessionEvent, None]:
+        principal = info.context.require_user()
+        if after_seq is not None and after_seq < 0:
+            raise BadUserInput("afterSeq must not be negative.", extensions={"field": "afterSeq"})
+        ident = parse_id(session_id)
+        if ident is None:
+            raise NotFound("Session not found.")
+        services = info.context.services
+        stream = follow_session(
+            services.db,
+            services.bus,
+            ident,
+            owner_id=None if principal.is_admin else principal.user_id,
+            after_seq=after_seq,
+        )
+        async for item in stream:
+            yield to_graphql(item)

@@ -1,0 +1,247 @@
+"""GraphQL object types. Session fields resolve lazily from the ORM row."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import uuid
+from typing import Annotated, Any
+
+import strawberry
+
+from mora_graphql.errors import ErrorCode as ErrorCodeEnum
+from mora_graphql.models import (
+    PipelineStage as PipelineStageEnum,
+)
+from mora_graphql.models import (
+    Platform,
+    Role,
+    VideoSession,
+)
+from mora_graphql.models import (
+    SessionStatus as SessionStatusEnum,
+)
+
+SessionStatus = strawberry.enum(SessionStatusEnum, name="SessionStatus")
+PipelineStage = strawberry.enum(PipelineStageEnum, name="PipelineStage")
+VideoPlatform = strawberry.enum(Platform, name="VideoPlatform")
+UserRole = strawberry.enum(Role, name="UserRole")
+ErrorCode = strawberry.enum(ErrorCodeEnum, name="ErrorCode")
+
+
+@strawberry.type
+class VideoInfo:
+    title: str | None
+    duration: float | None = strawberry.field(description="Seconds.")
+    thumbnail: str | None
+    author: str | None
+
+
+@strawberry.type
+class SubtitleLine:
+    start_time: float
+    end_time: float
+    text: str
+
+
+@strawberry.type
+class TimelineSegment:
+    start_time: float
+    end_time: float
+    description: str
+    code_lines: str | None = strawberry.field(description='"a-b" (1-based, inclusive) or null.')
+    start_line: int | None
+    end_line: int | None
+
+
+@strawberry.type
+class Timeline:
+    segments: list[TimelineSegment]
+    source: str | None = strawberry.field(
+        description="MODEL when the model's timeline was used, ALIGNED for the fallback."
+    )
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Timeline:
+        return cls(
+            segments=[
+                TimelineSegment(
+                    start_time=float(s["startTime"]),
+                    end_time=float(s["endTime"]),
+                    description=str(s["description"]),
+                    code_lines=s.get("codeLines"),
+                    start_line=s.get("startLine"),
+                    end_line=s.get("endLine"),
+                )
+                for s in data.get("segments", [])
+            ],
+            source=data.get("source"),
+        )
+
+
+@strawberry.type
+class SessionError:
+    code: ErrorCode
+    numeric_code: int
+    message: str
+
+
+@strawberry.type
+class User:
+    id: strawberry.ID
+    email: str
+    role: UserRole
+    created_at: dt.datetime
+
+
+def user_type(row: Any) -> User:
+    return User(id=strawberry.ID(str(row.id)), email=row.email, role=row.role, created_at=row.created_at)
+
+
+@strawberry.type
+class AuthPayload:
+    access_token: str
+    token_type: str
+    expires_in: int = strawberry.field(description="Seconds until the access token expires.")
+    user: User
+
+
+@strawberry.type
+class Session:
+    row: strawberry.Private[VideoSession]
+
+    @strawberry.field
+    def id(self) -> strawberry.ID:
+        return strawberry.ID(str(self.row.id))
+
+    @strawberry.field
+    def video_url(self) -> str:
+        return self.row.video_url
+
+    @strawberry.field
+    def platform(self) -> VideoPlatform:
+        return self.row.platform
+
+    @strawberry.field(description="Canonical video id, e.g. youtube:dQw4w9WgXcQ.")
+    def video_id(self) -> str:
+        return self.row.video_id
+
+    @strawberry.field
+    def language(self) -> str:
+        return self.row.language
+
+    @strawberry.field
+    def status(self) -> SessionStatus:
+        return self.row.status
+
+    @strawberry.field
+    def stage(self) -> PipelineStage | None:
+        return self.row.stage
+
+    @strawberry.field(description="0..1; never decreases within one run.")
+    def progress(self) -> float:
+        return self.row.progress
+
+    @strawberry.field
+    def video_info(self) -> VideoInfo | None:
+        info = self.row.video_info
+        if not info:
+            return None
+        return VideoInfo(
+            title=info.get("title"),
+            duration=info.get("duration"),
+            thumbnail=info.get("thumbnail"),
+            author=info.get("author"),
+        )
+
+    @strawberry.field
+    def subtitles(self) -> list[SubtitleLine] | None:
+        if self.row.subtitles is None:
+            return None
+        return [
+            SubtitleLine(start_time=s["startTime"], end_time=s["endTime"], text=s["text"])
+            for s in self.row.subtitles
+        ]
+
+    @strawberry.field
+    def generated_code(self) -> str | None:
+        return self.row.generated_code
+
+    @strawberry.field
+    def timeline(self) -> Timeline | None:
+        return Timeline.from_json(self.row.timeline) if self.row.timeline else None
+
+    @strawberry.field
+    def error(self) -> SessionError | None:
+        if not self.row.error_code:
+            return None
+        code = ErrorCodeEnum[self.row.error_code]
+        return SessionError(code=code, numeric_code=code.numeric, message=self.row.error_message or "")
+
+    @strawberry.field
+    def from_cache(self) -> bool:
+        return self.row.from_cache
+
+    @strawberry.field(description="Sequence number of the last event this state reflects.")
+    def last_seq(self) -> int:
+        return self.row.last_seq
+
+    @strawberry.field
+    def created_at(self) -> dt.datetime:
+        return self.row.created_at
+
+    @strawberry.field
+    def updated_at(self) -> dt.datetime:
+        return self.row.updated_at
+
+    @strawberry.field
+    def completed_at(self) -> dt.datetime | None:
+        return self.row.completed_at
+
+
+@strawberry.type
+class PageInfo:
+    has_next_page: bool
+    end_cursor: str | None
+
+
+@strawberry.type
+class SessionEdge:
+    cursor: str
+    node: Session
+
+
+@strawberry.type
+class SessionConnection:
+    edges: list[SessionEdge]
+    page_info: PageInfo
+
+    @strawberry.field
+    def nodes(self) -> list[Session]:
+        return [edge.node for edge in self.edges]
+
+
+def encode_cursor(row: VideoSession) -> str:
+    raw = f"{row.created_at.isoformat()}|{row.id}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[dt.datetime, uuid.UUID]:
+    """Raises ValueError for anything that is not one of our cursors."""
+    padded = cursor + "=" * (-len(cursor) % 4)
+    created, _, ident = base64.urlsafe_b64decode(padded.encode()).decode().partition("|")
+    stamp = dt.datetime.fromisoformat(created)
+    if stamp.tzinfo is None:
+        raise ValueError("cursor without timezone")
+    return stamp, uuid.UUID(ident)
+
+
+@strawberry.input
+class CreateSessionInput:
+    video_url: str
+    language: str = "python"
+    subtitles: Annotated[
+        str | None,
+        strawberry.argument(description="Optional SRT or WebVTT text supplied by the user."),
+    ] = None
+    force_refresh: bool = False

@@ -1,0 +1,23 @@
+"""The job queue interface shared by the in-process runner and procrastinate."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+JobFunction = Callable[[uuid.UUID], Awaitable[None]]
+
+
+class JobQueue(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def enqueue(self, session_id: uuid.UUID) -> None:
+        """Schedule one pipeline run; a session already queued or running is not queued twice."""
+        ...
+
+    async def cancel(self, session_id: uuid.UUID) -> bool:
+        """Stop the run; True when a running job was stopped and has finalised the session."""
+        ...

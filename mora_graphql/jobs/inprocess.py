@@ -1,0 +1,72 @@
+"""In-process job runner for the embedded mode: asyncio tasks with bounded concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+
+import structlog
+
+from mora_graphql.jobs.base import JobFunction
+
+log = structlog.get_logger(__name__)
+
+
+class InProcessQueue:
+    def __init__(self, job: JobFunction, *, concurrency: int = 8, cancel_timeout: float = 5.0) -> None:
+        self.job = job
+        self.cancel_timeout = cancel_timeout
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: dict[uuid.UUID, asyncio.Task[None]] = {}
+        self._running: set[uuid.UUID] = set()
+        self._closed = False
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._closed
+
+    async def start(self) -> None:
+        self._closed = False
+
+    async def stop(self) -> None:
+        """Stop every job; sessions they leave in PROCESSING are resumed at the next start."""
+        self._closed = True
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def enqueue(self, session_id: uuid.UUID) -> None:
+        if self._closed or session_id in self._tasks:
+            return
+        task = asyncio.create_task(self._run(session_id), name=f"session:{session_id}")
+        self._tasks[session_id] = task
+        task.add_done_callback(lambda _t: self._tasks.pop(session_id, None))
+
+    async def _run(self, session_id: uuid.UUID) -> None:
+        async with self._slots:
+            self._running.add(session_id)
+            try:
+                await self.job(session_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("job crashed", session_id=str(session_id))
+            finally:
+                self._running.discard(session_id)
+
+    async def cancel(self, session_id: uuid.UUID) -> bool:
+        task = self._tasks.get(session_id)
+        if task is None:
+            return False
+        was_running = session_id in self._running
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), self.cancel_timeout)
+        return was_running
+
+    def is_active(self, session_id: uuid.UUID) -> bool:
+        return session_id in self._tasks
