@@ -65,7 +65,9 @@ async def create_services(settings: Settings, *, start_jobs: bool = True) -> Ser
 
     engine = create_engine(settings)
     db = create_sessionmaker(engine)
-    bus: EventBus = MemoryEventBus(retention=settings.event_retention, buffer=settings.subscriber_buffer)
+    bus: EventBus = MemoryEventBus(
+        retention=settings.event_retention, buffer=settings.subscriber_buffer
+    )
     http = httpx.AsyncClient(timeout=settings.bibigpt_timeout, follow_redirects=True)
     runner_box: list[PipelineRunner] = []
 
@@ -88,7 +90,9 @@ class MoraGraphQL(GraphQL[Context, None]):
         super().__init__(**kwargs)
         self._services = services_ref
 
-    async def get_context(self, request: Request | WebSocket, response: Response | WebSocket) -> Context:  # type: ignore[override]
+    async def get_context(
+        self, request: Request | WebSocket, response: Response | WebSocket
+    ) -> Context:
         return Context(services=self._services(), request=request, response=response)
 
     async def on_ws_connect(self, context: Context) -> UnsetType | dict[str, object] | None:
@@ -99,7 +103,9 @@ class MoraGraphQL(GraphQL[Context, None]):
             return None
         try:
             token = bearer_token(str(raw))
-            context.set_principal(decode_access_token(context.services.settings, token) if token else None)
+            context.set_principal(
+                decode_access_token(context.services.settings, token) if token else None
+            )
         except MoraError as exc:
             raise ConnectionRejectionError({"code": exc.code.name, "message": exc.message}) from exc
         return None
@@ -149,7 +155,11 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
 
                 await asyncio.to_thread(upgrade_database, settings.database_url)
             holder["services"] = await create_services(settings)
-        log.info("mora started", environment=settings.environment, database=settings.is_sqlite and "sqlite" or "postgresql")
+        log.info(
+            "mora started",
+            environment=settings.environment,
+            database=(settings.is_sqlite and "sqlite") or "postgresql",
+        )
         try:
             yield
         finally:
@@ -185,7 +195,10 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
                 healthy = await probe()
                 checks["redis"] = "ok" if healthy else "unavailable"
                 ok = ok and healthy
-        return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+        return JSONResponse(
+            {"status": "ok" if ok else "unavailable", "checks": checks},
+            status_code=200 if ok else 503,
+        )
 
     async def metrics(_request: Request) -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

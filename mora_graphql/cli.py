@@ -9,10 +9,10 @@ import os
 import sys
 from pathlib import Path
 
-from mora_graphql.config import SettingsError, get_settings
+from mora_graphql.config import Settings, SettingsError, get_settings
 
 
-def _settings_or_exit():  # type: ignore[no-untyped-def]
+def _settings_or_exit() -> Settings:
     try:
         return get_settings()
     except SettingsError as exc:
@@ -94,14 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mora", description="Mora GraphQL server")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the API server (migrates an embedded SQLite database)")
+    serve = sub.add_parser(
+        "serve", help="run the API server (migrates an embedded SQLite database)"
+    )
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.set_defaults(func=cmd_serve)
 
     migrate = sub.add_parser("migrate", help="upgrade the database schema")
     migrate.add_argument("revision", nargs="?", default="head")
-    migrate.add_argument("--downgrade", metavar="REVISION", help="downgrade to REVISION (e.g. base)")
+    migrate.add_argument(
+        "--downgrade", metavar="REVISION", help="downgrade to REVISION (e.g. base)"
+    )
     migrate.set_defaults(func=cmd_migrate)
 
     export = sub.add_parser("export-schema", help="print the GraphQL SDL")
@@ -110,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     user = sub.add_parser("user", help="manage users")
     user_sub = user.add_subparsers(dest="user_command", required=True)
-    create = user_sub.add_parser("create", help="create a user (password from MORA_USER_PASSWORD or a prompt)")
+    create = user_sub.add_parser(
+        "create", help="create a user (password from MORA_USER_PASSWORD or a prompt)"
+    )
     create.add_argument("email")
     create.add_argument("--admin", action="store_true")
     create.set_defaults(func=cmd_user_create)

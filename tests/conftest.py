@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +69,9 @@ def postgres_url() -> str:
     try:
         asyncio.run(asyncio.wait_for(_ensure_postgres_database(TEST_DATABASE_URL), 10))
     except Exception as exc:
-        _pg_state["error"] = f"PostgreSQL not reachable at TEST_DATABASE_URL: {type(exc).__name__}: {exc}"
+        _pg_state["error"] = (
+            f"PostgreSQL not reachable at TEST_DATABASE_URL: {type(exc).__name__}: {exc}"
+        )
         unavailable(_pg_state["error"])
     from mora_graphql.migrate import downgrade_database
 
@@ -182,5 +184,5 @@ async def live(clean_db: str, settings_overrides: dict[str, Any]) -> AsyncIterat
 
 
 @pytest.fixture
-def repo_root() -> Iterator[Path]:
-    yield Path(__file__).resolve().parent.parent
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent

@@ -6,7 +6,7 @@ import asyncio
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
 from mora_graphql.events.types import SessionEvent
@@ -41,7 +41,7 @@ class Subscriber:
 class EventBus(Protocol):
     async def publish(self, event: SessionEvent) -> None: ...
 
-    def subscribe(self, session_id: uuid.UUID) -> AsyncIteratorContext: ...
+    def subscribe(self, session_id: uuid.UUID) -> AbstractAsyncContextManager[Subscriber]: ...
 
     async def replay(self, session_id: uuid.UUID, after_seq: int) -> list[SessionEvent] | None:
         """Retained events with seq > after_seq; None when some of them are no longer kept."""
@@ -50,12 +50,6 @@ class EventBus(Protocol):
     async def last_seq(self, session_id: uuid.UUID) -> int: ...
 
     async def close(self) -> None: ...
-
-
-class AsyncIteratorContext(Protocol):
-    async def __aenter__(self) -> Subscriber: ...
-
-    async def __aexit__(self, *exc: object) -> None: ...
 
 
 class MemoryEventBus:
@@ -107,7 +101,7 @@ class MemoryEventBus:
                 if not subscribers:
                     del self._subscribers[session_id]
 
-    def subscribe(self, session_id: uuid.UUID) -> AsyncIteratorContext:
+    def subscribe(self, session_id: uuid.UUID) -> AbstractAsyncContextManager[Subscriber]:
         return self._subscription(session_id)
 
     async def replay(self, session_id: uuid.UUID, after_seq: int) -> list[SessionEvent] | None:

@@ -42,7 +42,9 @@ class Context:
     def require_user(self) -> Principal:
         principal = self.principal()
         if principal is None:
-            raise Unauthenticated("Authentication is required: send 'Authorization: Bearer <token>'.")
+            raise Unauthenticated(
+                "Authentication is required: send 'Authorization: Bearer <token>'."
+            )
         return principal
 
     @property

@@ -8,18 +8,13 @@ from typing import Any
 
 import strawberry
 
-from mora_graphql.errors import ErrorCode as ErrorCodeEnum
+from mora_graphql.errors import ErrorCode
 from mora_graphql.events.stream import Snapshot
 from mora_graphql.events.types import EventKind
 from mora_graphql.events.types import SessionEvent as DomainEvent
 from mora_graphql.graphql.context import Info
-from mora_graphql.graphql.types import (
-    PipelineStage,
-    Session,
-    SessionError,
-    SessionStatus,
-    Timeline,
-)
+from mora_graphql.graphql.types import Session, SessionError, Timeline
+from mora_graphql.models import PipelineStage, SessionStatus
 from mora_graphql.sessions.repository import SessionRepository
 
 
@@ -130,8 +125,10 @@ def to_graphql(item: Snapshot | DomainEvent) -> SessionEvent:
             return SessionCompleted(**common)
         case EventKind.FAILED:
             data = item.data() or {}
-            code = ErrorCodeEnum[data.get("code") or "INTERNAL_ERROR"]
-            error = SessionError(code=code, numeric_code=code.numeric, message=data.get("message") or "")
+            code = ErrorCode[data.get("code") or "INTERNAL_ERROR"]
+            error = SessionError(
+                code=code, numeric_code=code.numeric, message=data.get("message") or ""
+            )
             return SessionFailed(error=error, **common)
         case EventKind.CANCELLED:
             return SessionCancelled(**common)

@@ -12,7 +12,7 @@ from mora_graphql.sessions.service import SessionService
 def _auth_payload(result: AuthResult) -> AuthPayload:
     return AuthPayload(
         access_token=result.access_token,
-        token_type="Bearer",
+        token_type="Bearer",  # noqa: S106
         expires_in=result.expires_in,
         user=user_type(result.user),
     )

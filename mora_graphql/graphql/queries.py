@@ -10,12 +10,12 @@ from mora_graphql.graphql.types import (
     Session,
     SessionConnection,
     SessionEdge,
-    SessionStatus,
     User,
     decode_cursor,
     encode_cursor,
     user_type,
 )
+from mora_graphql.models import SessionStatus
 from mora_graphql.sessions.service import SessionService
 
 
@@ -41,14 +41,18 @@ class Query:
             try:
                 cursor = decode_cursor(after)
             except ValueError as exc:
-                raise BadUserInput("after is not a valid cursor.", extensions={"field": "after"}) from exc
+                raise BadUserInput(
+                    "after is not a valid cursor.", extensions={"field": "after"}
+                ) from exc
         rows, has_next = await SessionService(info.context.services, principal).page(
             first=first, after=cursor, status=status
         )
         edges = [SessionEdge(cursor=encode_cursor(row), node=Session(row=row)) for row in rows]
         return SessionConnection(
             edges=edges,
-            page_info=PageInfo(has_next_page=has_next, end_cursor=edges[-1].cursor if edges else None),
+            page_info=PageInfo(
+                has_next_page=has_next, end_cursor=edges[-1].cursor if edges else None
+            ),
         )
 
     @strawberry.field(description="The signed-in user; null without a token.")

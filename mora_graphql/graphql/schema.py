@@ -33,7 +33,11 @@ class MaskUnexpectedErrors(MaskErrors):
     @staticmethod
     def _mask(error: GraphQLError) -> bool:
         if is_expected(error):
-            if error.original_error is None and error.extensions is not None and "code" not in error.extensions:
+            if (
+                error.original_error is None
+                and error.extensions is not None
+                and "code" not in error.extensions
+            ):
                 error.extensions["code"] = "GRAPHQL_VALIDATION_FAILED"
             return False
         log.error("unexpected error", path=error.path, exc_info=error.original_error)

@@ -9,24 +9,14 @@ from typing import Annotated, Any
 
 import strawberry
 
-from mora_graphql.errors import ErrorCode as ErrorCodeEnum
-from mora_graphql.models import (
-    PipelineStage as PipelineStageEnum,
-)
-from mora_graphql.models import (
-    Platform,
-    Role,
-    VideoSession,
-)
-from mora_graphql.models import (
-    SessionStatus as SessionStatusEnum,
-)
+from mora_graphql.errors import ErrorCode
+from mora_graphql.models import PipelineStage, Platform, Role, SessionStatus, VideoSession
 
-SessionStatus = strawberry.enum(SessionStatusEnum, name="SessionStatus")
-PipelineStage = strawberry.enum(PipelineStageEnum, name="PipelineStage")
-VideoPlatform = strawberry.enum(Platform, name="VideoPlatform")
-UserRole = strawberry.enum(Role, name="UserRole")
-ErrorCode = strawberry.enum(ErrorCodeEnum, name="ErrorCode")
+strawberry.enum(SessionStatus, name="SessionStatus")
+strawberry.enum(PipelineStage, name="PipelineStage")
+strawberry.enum(Platform, name="VideoPlatform")
+strawberry.enum(Role, name="UserRole")
+strawberry.enum(ErrorCode, name="ErrorCode")
 
 
 @strawberry.type
@@ -90,12 +80,14 @@ class SessionError:
 class User:
     id: strawberry.ID
     email: str
-    role: UserRole
+    role: Role
     created_at: dt.datetime
 
 
 def user_type(row: Any) -> User:
-    return User(id=strawberry.ID(str(row.id)), email=row.email, role=row.role, created_at=row.created_at)
+    return User(
+        id=strawberry.ID(str(row.id)), email=row.email, role=row.role, created_at=row.created_at
+    )
 
 
 @strawberry.type
@@ -119,7 +111,7 @@ class Session:
         return self.row.video_url
 
     @strawberry.field
-    def platform(self) -> VideoPlatform:
+    def platform(self) -> Platform:
         return self.row.platform
 
     @strawberry.field(description="Canonical video id, e.g. youtube:dQw4w9WgXcQ.")
@@ -175,8 +167,10 @@ class Session:
     def error(self) -> SessionError | None:
         if not self.row.error_code:
             return None
-        code = ErrorCodeEnum[self.row.error_code]
-        return SessionError(code=code, numeric_code=code.numeric, message=self.row.error_message or "")
+        code = ErrorCode[self.row.error_code]
+        return SessionError(
+            code=code, numeric_code=code.numeric, message=self.row.error_message or ""
+        )
 
     @strawberry.field
     def from_cache(self) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from sqlalchemy import and_, delete, or_, select, update
@@ -89,7 +89,7 @@ class SessionRepository:
         return bool(getattr(result, "rowcount", 0))
 
     async def update_if_status(
-        self, session_id: uuid.UUID, statuses: Sequence[SessionStatus], **values: Any
+        self, session_id: uuid.UUID, statuses: Collection[SessionStatus], **values: Any
     ) -> bool:
         values.setdefault("updated_at", utcnow())
         result = await self.session.execute(

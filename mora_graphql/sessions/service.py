@@ -111,7 +111,9 @@ class SessionService:
         status: SessionStatus | None,
     ) -> tuple[Sequence[VideoSession], bool]:
         if not 1 <= first <= MAX_PAGE:
-            raise BadUserInput(f"first must be between 1 and {MAX_PAGE}.", extensions={"field": "first"})
+            raise BadUserInput(
+                f"first must be between 1 and {MAX_PAGE}.", extensions={"field": "first"}
+            )
         async with self.db() as session:
             rows = await SessionRepository(session).page(
                 self._owner_filter, limit=first + 1, after=after, status=status
@@ -133,7 +135,8 @@ class SessionService:
         row = await self.require(session_id)
         if row.status not in RETRYABLE:
             raise Conflict(
-                f"Only sessions in ERROR or CANCELLED can be retried (this one is {row.status.value})."
+                "Only sessions in ERROR or CANCELLED can be retried "
+                f"(this one is {row.status.value})."
             )
         async with transaction(self.db) as session:
             moved = await SessionRepository(session).update_if_status(

@@ -112,7 +112,9 @@ def parse_video_url(raw: str, *, max_length: int = 2048) -> VideoRef:
         vid = _youtube(host, parts.path, query)
         if not vid or not _YT_ID.fullmatch(vid):
             raise InvalidVideoUrl("This YouTube link does not name a video.")
-        return VideoRef(Platform.YOUTUBE, f"youtube:{vid}", f"https://www.youtube.com/watch?v={vid}")
+        return VideoRef(
+            Platform.YOUTUBE, f"youtube:{vid}", f"https://www.youtube.com/watch?v={vid}"
+        )
 
     if host in _BILIBILI_HOSTS or host == "b23.tv":
         code = _bilibili(host, parts.path)
@@ -136,10 +138,20 @@ def parse_video_url(raw: str, *, max_length: int = 2048) -> VideoRef:
         if len(segments) >= 3 and segments[0].startswith("@") and segments[1] == "video":
             vid = segments[2]
             if _NUM_ID.fullmatch(vid):
-                return VideoRef(Platform.TIKTOK, f"tiktok:{vid}", f"https://www.tiktok.com/{segments[0]}/video/{vid}")
-        if len(segments) >= 3 and segments[:2] == ["embed", "v2"] and _NUM_ID.fullmatch(segments[2]):
+                return VideoRef(
+                    Platform.TIKTOK,
+                    f"tiktok:{vid}",
+                    f"https://www.tiktok.com/{segments[0]}/video/{vid}",
+                )
+        if (
+            len(segments) >= 3
+            and segments[:2] == ["embed", "v2"]
+            and _NUM_ID.fullmatch(segments[2])
+        ):
             vid = segments[2]
-            return VideoRef(Platform.TIKTOK, f"tiktok:{vid}", f"https://www.tiktok.com/embed/v2/{vid}")
+            return VideoRef(
+                Platform.TIKTOK, f"tiktok:{vid}", f"https://www.tiktok.com/embed/v2/{vid}"
+            )
         raise InvalidVideoUrl("This TikTok link does not name a video.")
 
     if host in _TIKTOK_SHORT:
@@ -153,7 +165,9 @@ def parse_video_url(raw: str, *, max_length: int = 2048) -> VideoRef:
             code = parts.path.strip("/")
             if not _SHORT_CODE.fullmatch(code):
                 raise InvalidVideoUrl("This Douyin short link is not valid.")
-            return VideoRef(Platform.DOUYIN, f"douyin-short:{code}", f"https://v.douyin.com/{code}/", True)
+            return VideoRef(
+                Platform.DOUYIN, f"douyin-short:{code}", f"https://v.douyin.com/{code}/", True
+            )
         segments = [p for p in parts.path.split("/") if p]
         vid = query.get("modal_id", [None])[0]
         if not vid and len(segments) >= 2 and segments[-2] in {"video", "note"}:

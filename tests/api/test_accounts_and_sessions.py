@@ -62,13 +62,19 @@ async def test_register_login_me(live: LiveServer) -> None:
     assert payload["tokenType"] == "Bearer" and payload["expiresIn"] > 0
     assert payload["user"]["email"] == "alice@example.com"
 
-    wrong = await live.gql('mutation { login(email: "alice@example.com", password: "nope-nope-nope") { accessToken } }')
+    wrong = await live.gql(
+        'mutation { login(email: "alice@example.com", password: "nope-nope-nope") { accessToken } }'
+    )
     assert error_code(wrong) == "UNAUTHENTICATED"
-    missing = await live.gql('mutation { login(email: "bob@example.com", password: "nope-nope-nope") { accessToken } }')
+    missing = await live.gql(
+        'mutation { login(email: "bob@example.com", password: "nope-nope-nope") { accessToken } }'
+    )
     assert error_code(missing) == "UNAUTHENTICATED"
     assert wrong["errors"][0]["message"] == missing["errors"][0]["message"]
 
-    again = await live.gql('mutation { register(email: "ALICE@example.com", password: "another-pass") { accessToken } }')
+    again = await live.gql(
+        'mutation { register(email: "ALICE@example.com", password: "another-pass") { accessToken } }'
+    )
     assert error_code(again) == "CONFLICT"
     assert (await live.gql("{ me { email } }"))["data"]["me"] is None
 
@@ -77,7 +83,9 @@ async def test_register_login_me(live: LiveServer) -> None:
     ("email", "password", "field"),
     [("not-an-email", "long-enough-pw", "email"), ("ok@example.com", "short", "password")],
 )
-async def test_register_rejects_bad_input(live: LiveServer, email: str, password: str, field: str) -> None:
+async def test_register_rejects_bad_input(
+    live: LiveServer, email: str, password: str, field: str
+) -> None:
     result = await live.gql(
         "mutation($e: String!, $p: String!) { register(email: $e, password: $p) { accessToken } }",
         {"e": email, "p": password},
@@ -142,7 +150,11 @@ async def test_other_users_cannot_see_cancel_or_delete(live: LiveServer) -> None
 
     assert (await live.gql(GET, {"id": session_id}, bob))["data"]["session"] is None
     missing = "00000000-0000-0000-0000-000000000000"
-    for mutation in ("cancelSession(id: $id) { id }", "deleteSession(id: $id)", "retrySession(id: $id) { id }"):
+    for mutation in (
+        "cancelSession(id: $id) { id }",
+        "deleteSession(id: $id)",
+        "retrySession(id: $id) { id }",
+    ):
         theirs = await live.gql(f"mutation($id: ID!) {{ {mutation} }}", {"id": session_id}, bob)
         absent = await live.gql(f"mutation($id: ID!) {{ {mutation} }}", {"id": missing}, bob)
         assert error_code(theirs) == error_code(absent) == "NOT_FOUND"
@@ -150,7 +162,9 @@ async def test_other_users_cannot_see_cancel_or_delete(live: LiveServer) -> None
     assert (await live.gql(LIST, {}, bob))["data"]["sessions"]["edges"] == []
     assert (await live.gql(GET, {"id": session_id}, alice))["data"]["session"]["id"] == session_id
 
-    deleted = await live.gql("mutation($id: ID!) { deleteSession(id: $id) }", {"id": session_id}, alice)
+    deleted = await live.gql(
+        "mutation($id: ID!) { deleteSession(id: $id) }", {"id": session_id}, alice
+    )
     assert deleted["data"]["deleteSession"] is True
     assert (await live.gql(GET, {"id": session_id}, alice))["data"]["session"] is None
 
@@ -214,7 +228,10 @@ async def test_alg_none_is_rejected(live: LiveServer) -> None:
 
 
 async def test_session_operations_require_a_token(live: LiveServer) -> None:
-    for query in (LIST, "mutation { createSession(input: {videoUrl: \"https://youtu.be/dQw4w9WgXcQ\"}) { id } }"):
+    for query in (
+        LIST,
+        'mutation { createSession(input: {videoUrl: "https://youtu.be/dQw4w9WgXcQ"}) { id } }',
+    ):
         assert error_code(await live.gql(query)) == "UNAUTHENTICATED"
 
 
