@@ -54,6 +54,9 @@ class Services:
 
     async def aclose(self) -> None:
         await self.queue.stop()
+        runner = self.extras.get("runner")
+        if runner is not None:
+            await runner.aclose()
         await self.bus.close()
         await self.http.aclose()
         await self.engine.dispose()

@@ -8,7 +8,7 @@ from typing import Any
 
 import strawberry
 
-from mora_graphql.errors import ErrorCode
+from mora_graphql.errors import ErrorCode, NotFound
 from mora_graphql.events.stream import Snapshot
 from mora_graphql.events.types import EventKind
 from mora_graphql.events.types import SessionEvent as DomainEvent
@@ -61,10 +61,12 @@ class TimelineReady(SessionEvent):
 @strawberry.type
 class SessionCompleted(SessionEvent):
     @strawberry.field
-    async def session(self, info: Info) -> Session | None:
+    async def session(self, info: Info) -> Session:
         async with info.context.services.db() as db:
             row = await SessionRepository(db).get(uuid.UUID(self.session_id))
-        return Session(row=row) if row else None
+        if row is None:
+            raise NotFound("Session not found.")
+        return Session(row=row)
 
 
 @strawberry.type
