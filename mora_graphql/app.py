@@ -27,6 +27,7 @@ from strawberry.exceptions import ConnectionRejectionError
 from strawberry.types.unset import UnsetType
 
 from mora_graphql.auth.tokens import bearer_token, decode_access_token
+from mora_graphql.cache import Cache, MemoryCache
 from mora_graphql.config import Settings, get_settings
 from mora_graphql.db import Database, create_engine, create_sessionmaker
 from mora_graphql.errors import MoraError
@@ -50,6 +51,7 @@ class Services:
     bus: EventBus
     queue: JobQueue
     http: httpx.AsyncClient
+    cache: Cache
     extras: dict[str, Any] = field(default_factory=dict)
 
     async def aclose(self) -> None:
@@ -78,7 +80,15 @@ async def create_services(settings: Settings, *, start_jobs: bool = True) -> Ser
         await runner_box[0].run(session_id)
 
     queue = InProcessQueue(job, concurrency=settings.job_concurrency)
-    services = Services(settings=settings, engine=engine, db=db, bus=bus, queue=queue, http=http)
+    services = Services(
+        settings=settings,
+        engine=engine,
+        db=db,
+        bus=bus,
+        queue=queue,
+        http=http,
+        cache=MemoryCache(),
+    )
     runner = PipelineRunner(services, shutting_down=lambda: queue.shutting_down)
     runner_box.append(runner)
     services.extras["runner"] = runner

@@ -68,9 +68,7 @@ class VideoSession(Base):
     __tablename__ = "sessions"
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
-    owner_id: Mapped[uuid.UUID] = mapped_column(
-        Uuid, ForeignKey("users.id", ondelete="CASCADE")
-    )
+    owner_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("users.id", ondelete="CASCADE"))
     video_url: Mapped[str] = mapped_column(Text)
     platform: Mapped[Platform] = mapped_column(_enum(Platform, "platform"))
     video_id: Mapped[str] = mapped_column(String(128))
@@ -87,6 +85,9 @@ class VideoSession(Base):
     user_subtitles: Mapped[bool] = mapped_column(Boolean, default=False)
     generated_code: Mapped[str | None] = mapped_column(Text, nullable=True)
     timeline: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    code_check: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    usage: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    result_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
     error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     from_cache: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -102,4 +103,25 @@ class VideoSession(Base):
         Index("ix_sessions_owner_status_created", "owner_id", "status", "created_at", "id"),
         Index("ix_sessions_status_updated", "status", "updated_at"),
         Index("ix_sessions_video", "platform", "video_id", "language"),
+        Index("ix_sessions_result_key", "result_key"),
+    )
+
+
+class RefreshToken(Base):
+    """An opaque refresh token, stored as a SHA-256 hash; rotation links a family."""
+
+    __tablename__ = "refresh_tokens"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("users.id", ondelete="CASCADE"))
+    family_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    __table_args__ = (
+        Index("ix_refresh_tokens_family", "family_id"),
+        Index("ix_refresh_tokens_user", "user_id"),
     )

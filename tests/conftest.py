@@ -92,10 +92,11 @@ async def _truncate(url: str) -> None:
     try:
         async with engine.begin() as conn:
             if url.startswith("sqlite"):
+                await conn.execute(text("DELETE FROM refresh_tokens"))
                 await conn.execute(text("DELETE FROM sessions"))
                 await conn.execute(text("DELETE FROM users"))
             else:
-                await conn.execute(text("TRUNCATE sessions, users CASCADE"))
+                await conn.execute(text("TRUNCATE refresh_tokens, sessions, users CASCADE"))
     finally:
         await engine.dispose()
 

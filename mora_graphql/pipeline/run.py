@@ -20,7 +20,12 @@ from mora_graphql.pipeline.timeline import align_timeline, parse_model_timeline,
 from mora_graphql.pipeline.transcript import chunk_transcript, compact_lines
 from mora_graphql.providers.llm import LLMClient, LLMError, Usage
 from mora_graphql.providers.retry import with_retries
-from mora_graphql.providers.subtitles.base import SubtitleLine, SubtitleProvider, Transcript, VideoMeta
+from mora_graphql.providers.subtitles.base import (
+    SubtitleLine,
+    SubtitleProvider,
+    Transcript,
+    VideoMeta,
+)
 from mora_graphql.providers.subtitles.bibigpt import BibiGPTProvider
 from mora_graphql.sessions.repository import SessionRepository
 from mora_graphql.sessions.video_urls import VideoRef
@@ -102,7 +107,9 @@ class PipelineRunner:
             await recorder.fail(exc.code, exc.message)
         except Exception:
             log.exception("session crashed")
-            await recorder.fail(ErrorCode.INTERNAL_ERROR, "Internal error while processing the video.")
+            await recorder.fail(
+                ErrorCode.INTERNAL_ERROR, "Internal error while processing the video."
+            )
         finally:
             structlog.contextvars.unbind_contextvars("session_id")
 
@@ -162,17 +169,23 @@ class PipelineRunner:
         last_error: PipelineError | None = None
         for provider in providers:
             try:
-                return await with_retries(
-                    lambda _attempt, p=provider: p.fetch(video),
-                    attempts=self.settings.deepseek_max_retries + 1,
-                    base_delay=self.settings.deepseek_retry_base_delay,
-                )
+                return await self._fetch_with_retries(provider, video)
             except PipelineError as exc:
                 if exc.code in {ErrorCode.NO_SUBTITLE, ErrorCode.VIDEO_TOO_LONG}:
                     raise
                 last_error = exc
         assert last_error is not None
         raise last_error
+
+    async def _fetch_with_retries(self, provider: SubtitleProvider, video: VideoRef) -> Transcript:
+        async def attempt(_n: int) -> Transcript:
+            return await provider.fetch(video)
+
+        return await with_retries(
+            attempt,
+            attempts=self.settings.deepseek_max_retries + 1,
+            base_delay=self.settings.deepseek_retry_base_delay,
+        )
 
     # Code.
 
@@ -259,9 +272,7 @@ class PipelineRunner:
         messages = prompts.timeline_messages(code, lines, duration)
         items = None
         try:
-            raw = await self._retrying(
-                lambda _n: self.llm.complete_json(messages, usage=ctx.usage)
-            )
+            raw = await self._retrying(lambda _n: self.llm.complete_json(messages, usage=ctx.usage))
             items = parse_model_timeline(str(raw))
         except LLMError as exc:
             log.warning("timeline call failed; aligning instead", error=exc.message)
@@ -274,4 +285,3 @@ class PipelineRunner:
             segments = align_timeline(transcript.lines, code, duration)
             source = "ALIGNED"
         return {"segments": [segment.as_json() for segment in segments], "source": source}
-

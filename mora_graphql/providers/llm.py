@@ -1,0 +1,310 @@
+"""A thin wrapper around the OpenAI SDK for DeepSeek's OpenAI-compatible chat API.
+
+The SDK's own retries are off (`max_retries=0`): callers retry with `with_retries`,
+which only retries errors whose `retryable` is True.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+import httpx
+import httpx2
+import openai
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
+from openai.types.completion_usage import CompletionUsage
+
+from mora_graphql.config import Settings
+from mora_graphql.errors import ErrorCode, PipelineError
+
+_STATUS_MESSAGES: dict[int, tuple[str, bool]] = {
+    400: ("the LLM API rejected the request as invalid (400)", False),
+    401: ("the LLM API rejected the API key", False),
+    402: ("the LLM account has insufficient balance", False),
+    403: ("the LLM API denied access to this model or endpoint (403)", False),
+    404: ("the LLM model or endpoint was not found (404); check the model name and URL", False),
+    422: ("the LLM API rejected the request parameters (422)", False),
+    429: ("the LLM API rate limit was reached (429)", True),
+}
+_SECRETISH = re.compile(r"\b(?:sk|pk|key)-[A-Za-z0-9_\-*]{6,}", re.IGNORECASE)
+_MAX_DETAIL = 300
+
+
+@dataclass(frozen=True)
+class LLMChunk:
+    kind: Literal["content", "reasoning"]
+    text: str
+
+
+@dataclass
+class Usage:
+    """Token accounting; `calls` counts calls that completed successfully."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    calls: int = 0
+
+    def add(
+        self,
+        other: Usage | None = None,
+        *,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        cached_tokens: int = 0,
+        calls: int = 0,
+    ) -> None:
+        if other is not None:
+            prompt_tokens += other.prompt_tokens
+            completion_tokens += other.completion_tokens
+            cached_tokens += other.cached_tokens
+            calls += other.calls
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+        self.cached_tokens += cached_tokens
+        self.calls += calls
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class LLMError(Exception):
+    """A failed LLM call. The message never contains the API key."""
+
+    code: ErrorCode = ErrorCode.DEEPSEEK_API_ERROR
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+        self.status = status
+        self.retry_after = retry_after
+
+    def to_pipeline_error(self) -> PipelineError:
+        return PipelineError(self.code, self.message, retryable=self.retryable)
+
+    def __repr__(self) -> str:
+        return (
+            f"LLMError({self.message!r}, retryable={self.retryable}, status={self.status}, "
+            f"retry_after={self.retry_after})"
+        )
+
+
+class LLMClient:
+    def __init__(
+        self,
+        settings: Settings,
+        http_client: httpx2.AsyncClient | httpx.AsyncClient | None = None,
+    ) -> None:
+        self._settings = settings
+        key = settings.deepseek_api_key.get_secret_value() if settings.deepseek_api_key else ""
+        self._api_key = key
+        self._owns_http_client = http_client is None
+        self._client: openai.AsyncOpenAI | None = None
+        if key:
+            self._client = openai.AsyncOpenAI(
+                api_key=key,
+                base_url=settings.deepseek_api_url,
+                timeout=settings.deepseek_timeout,
+                max_retries=0,
+                # The SDK accepts legacy httpx clients at runtime; its annotation is httpx2's.
+                http_client=cast(httpx2.AsyncClient | None, http_client),
+            )
+
+    @property
+    def model(self) -> str:
+        return self._settings.deepseek_model
+
+    def _openai(self) -> openai.AsyncOpenAI:
+        if self._client is None:
+            raise LLMError(
+                "the LLM API key is not configured (set DEEPSEEK_API_KEY)", retryable=False
+            )
+        return self._client
+
+    async def stream_chat(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        max_tokens: int | None = None,
+        usage: Usage | None = None,
+    ) -> AsyncIterator[LLMChunk]:
+        """Yield reasoning and content deltas; raises LLMError, also for truncated streams."""
+        client = self._openai()
+        finish_reason: str | None = None
+        try:
+            stream = await client.chat.completions.create(
+                model=self.model,
+                messages=cast(list[ChatCompletionMessageParam], messages),
+                stream=True,
+                stream_options={"include_usage": True},
+                temperature=self._settings.deepseek_temperature,
+                max_tokens=max_tokens or self._settings.llm_max_output_tokens,
+            )
+            async with stream:
+                async for chunk in stream:
+                    if chunk.usage is not None and usage is not None:
+                        _record_usage(usage, chunk.usage)
+                    for text_chunk, reason in _chunk_parts(chunk):
+                        if reason is not None:
+                            finish_reason = reason
+                        if text_chunk is not None:
+                            yield text_chunk
+        except openai.APIConnectionError as exc:
+            # Losing only the trailer (usage chunk / [DONE]) after the finish chunk
+            # still leaves a complete answer.
+            if finish_reason is None:
+                raise self._translate(exc) from None
+        except openai.OpenAIError as exc:
+            raise self._translate(exc) from None
+        except ValueError as exc:  # malformed SSE data (json.JSONDecodeError)
+            raise LLMError("the LLM API sent malformed stream data", retryable=True) from exc
+        if finish_reason is None:
+            raise LLMError(
+                "the LLM stream ended before the answer was complete (connection cut)",
+                retryable=True,
+            )
+        if usage is not None:
+            usage.add(calls=1)
+
+    async def complete_json(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        max_tokens: int | None = None,
+        usage: Usage | None = None,
+    ) -> str:
+        """One non-streamed JSON-mode completion; returns the message content string."""
+        client = self._openai()
+        try:
+            response: Any = await client.chat.completions.create(
+                model=self.model,
+                messages=cast(list[ChatCompletionMessageParam], messages),
+                response_format={"type": "json_object"},
+                temperature=self._settings.deepseek_temperature,
+                max_tokens=max_tokens or self._settings.llm_max_output_tokens,
+            )
+        except openai.OpenAIError as exc:
+            raise self._translate(exc) from None
+        except ValueError as exc:  # the HTTP body was not JSON
+            raise LLMError("the LLM API returned an invalid JSON body", retryable=True) from exc
+        if not isinstance(response, ChatCompletion):
+            raise LLMError("the LLM API returned a non-JSON response", retryable=True)
+        if not response.choices:
+            raise LLMError("the LLM API returned no choices", retryable=True)
+        content = response.choices[0].message.content
+        if not content or not content.strip():
+            raise LLMError("the LLM returned an empty answer", retryable=True)
+        if usage is not None:
+            if response.usage is not None:
+                _record_usage(usage, response.usage)
+            usage.add(calls=1)
+        return content
+
+    async def aclose(self) -> None:
+        """Close the SDK client; a caller-supplied http_client is left open."""
+        if self._client is not None and self._owns_http_client:
+            await self._client.close()
+
+    def _translate(self, exc: openai.OpenAIError) -> LLMError:
+        if isinstance(exc, openai.APITimeoutError):
+            return LLMError(
+                f"the LLM API did not answer within {self._settings.deepseek_timeout:g}s",
+                retryable=True,
+            )
+        if isinstance(exc, openai.APIConnectionError):
+            cause = type(exc.__cause__).__name__ if exc.__cause__ else "connection error"
+            return LLMError(
+                f"the connection to the LLM API failed or was cut ({cause})", retryable=True
+            )
+        if isinstance(exc, openai.APIStatusError):
+            status = exc.status_code
+            detail = self._detail(exc)
+            retry_after = _retry_after(exc.response.headers)
+            known = _STATUS_MESSAGES.get(status)
+            if known is not None:
+                message, retryable = known
+            elif status >= 500:
+                message, retryable = f"the LLM API had a server error ({status})", True
+            else:
+                message, retryable = f"the LLM API request failed ({status})", False
+            if detail and status not in (401, 402):
+                message = f"{message}: {detail}"
+            return LLMError(message, retryable=retryable, status=status, retry_after=retry_after)
+        if isinstance(exc, openai.APIResponseValidationError):
+            return LLMError("the LLM API returned an unexpected response", retryable=True)
+        if isinstance(exc, openai.APIError):
+            # An error event inside an otherwise successful stream.
+            detail = self._detail(exc)
+            message = "the LLM API reported an error mid-stream"
+            return LLMError(f"{message}: {detail}" if detail else message, retryable=True)
+        return LLMError(f"the LLM call failed ({type(exc).__name__})", retryable=False)
+
+    def _detail(self, exc: openai.APIError) -> str:
+        body = exc.body
+        text: object = None
+        if isinstance(body, dict):
+            text = body.get("message")
+        elif isinstance(body, str):
+            text = body
+        if not isinstance(text, str) or not text.strip():
+            return ""
+        return self._redact(" ".join(text.split()))[:_MAX_DETAIL]
+
+    def _redact(self, text: str) -> str:
+        if self._api_key:
+            text = text.replace(self._api_key, "***")
+        return _SECRETISH.sub("***", text)
+
+
+def _chunk_parts(chunk: ChatCompletionChunk) -> list[tuple[LLMChunk | None, str | None]]:
+    parts: list[tuple[LLMChunk | None, str | None]] = []
+    for choice in chunk.choices:
+        if choice.index != 0:
+            continue
+        delta = choice.delta
+        reasoning = getattr(delta, "reasoning_content", None)
+        if isinstance(reasoning, str) and reasoning:
+            parts.append((LLMChunk("reasoning", reasoning), None))
+        if delta.content:
+            parts.append((LLMChunk("content", delta.content), None))
+        if choice.finish_reason is not None:
+            parts.append((None, choice.finish_reason))
+    return parts
+
+
+def _record_usage(usage: Usage, reported: CompletionUsage) -> None:
+    cached = getattr(reported, "prompt_cache_hit_tokens", None)  # DeepSeek
+    if not isinstance(cached, int):
+        details = reported.prompt_tokens_details
+        cached = details.cached_tokens if details is not None else None
+    usage.add(
+        prompt_tokens=reported.prompt_tokens or 0,
+        completion_tokens=reported.completion_tokens or 0,
+        cached_tokens=cached if isinstance(cached, int) else 0,
+    )
+
+
+def _retry_after(headers: httpx2.Headers | httpx.Headers) -> float | None:
+    for name, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) / divisor
+        except ValueError:
+            continue
+        if seconds >= 0 and seconds == seconds and seconds != float("inf"):
+            return seconds
+    return None

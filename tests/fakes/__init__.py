@@ -1,0 +1,1 @@
+"""Test doubles that speak the real wire formats over real sockets."""
