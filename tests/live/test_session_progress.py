@@ -12,7 +12,11 @@ from mora_graphql.pipeline.timeline import TimelineSegment, check_invariants
 from tests.conftest import LiveServer
 from tests.fakes.bibigpt_server import API_KEY as BIBI_KEY
 from tests.fakes.bibigpt_server import FakeBibiGPT, HttpError, Subtitles
-from tests.fakes.fixtures import OPENAI_TEST_KEY, bibigpt_server, openai_server  # noqa: F401
+from tests.fakes.fixtures import (  # noqa: F401
+    OPENAI_TEST_KEY,
+    bibigpt_server_fixture,
+    openai_server_fixture,
+)
 from tests.fakes.openai_server import JSON, Fail, FakeOpenAI, Stream
 from tests.wsclient import PROTOCOLS, TRANSPORT_WS, SubscriptionError, collect, connect, subscribe
 
@@ -52,7 +56,7 @@ SRT = "\n".join(
     f"{i + 1}\n00:00:{int(a):02d},000 --> 00:00:{int(b):02d},000\n{text}\n"
     for i, (a, b, text) in enumerate(SUBTITLE_LINES)
 )
-CODE = '''import csv
+CODE = """import csv
 
 
 def load_csv(path):
@@ -72,7 +76,7 @@ def main():
 
 if __name__ == "__main__":
     main()
-'''
+"""
 TIMELINE = {
     "segments": [
         {"startTime": 0, "endTime": 8, "description": "Intro", "startLine": 1, "endLine": 1},
@@ -97,7 +101,7 @@ def code_stream(delay: float = 0.0, **kwargs: Any) -> Stream:
 
 
 @pytest.fixture
-def settings_overrides(openai_server: FakeOpenAI, bibigpt_server: FakeBibiGPT) -> dict[str, Any]:  # noqa: F811
+def settings_overrides(openai_server: FakeOpenAI, bibigpt_server: FakeBibiGPT) -> dict[str, Any]:
     return {
         "deepseek_api_url": openai_server.url,
         "deepseek_api_key": OPENAI_TEST_KEY,
@@ -114,8 +118,10 @@ async def start(live: LiveServer, token: str, **fields: Any) -> str:
     return str(result["data"]["createSession"]["id"])
 
 
-async def wait_terminal(live: LiveServer, token: str, session_id: str, timeout: float = 15) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def wait_terminal(
+    live: LiveServer, token: str, session_id: str, limit: float = 15
+) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + limit
     while True:
         session = (await live.gql(GET, {"id": session_id}, token))["data"]["session"]
         if session["status"] in {"COMPLETED", "ERROR", "CANCELLED"}:
@@ -160,8 +166,8 @@ def assert_timeline_valid(session: dict[str, Any]) -> None:
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 async def test_live_session_end_to_end(
     live: LiveServer,
-    openai_server: FakeOpenAI,  # noqa: F811
-    bibigpt_server: FakeBibiGPT,  # noqa: F811
+    openai_server: FakeOpenAI,
+    bibigpt_server: FakeBibiGPT,
     protocol: str,
 ) -> None:
     bibigpt_server.respond(VIDEO, Subtitles(lines=list(SUBTITLE_LINES), duration=50.0, title="CSV"))
@@ -175,9 +181,17 @@ async def test_live_session_end_to_end(
     assert events[-1]["__typename"] == "SessionCompleted"
     assert events[-1]["session"]["status"] == "COMPLETED"
     session = await wait_terminal(live, token, session_id)
-    assert session["generatedCode"] == CODE.strip("\n") + "\n" or session["generatedCode"].strip() == CODE.strip()
+    assert (
+        session["generatedCode"] == CODE.strip("\n") + "\n"
+        or session["generatedCode"].strip() == CODE.strip()
+    )
     assert rebuild_code(events) == session["generatedCode"]
-    assert session["videoInfo"] == {"title": "CSV", "duration": 50.0, "author": "Teacher", "thumbnail": "https://img.example/cover.jpg"}
+    assert session["videoInfo"] == {
+        "title": "CSV",
+        "duration": 50.0,
+        "author": "Teacher",
+        "thumbnail": "https://img.example/cover.jpg",
+    }
     assert session["timeline"]["source"] == "MODEL"
     assert_timeline_valid(session)
     assert session["progress"] == 1.0
@@ -196,7 +210,7 @@ async def test_live_session_end_to_end(
     assert bibigpt_server.requests[0].headers["authorization"] == f"Bearer {BIBI_KEY}"
 
 
-async def test_subscriber_sees_deltas_live(live: LiveServer, openai_server: FakeOpenAI) -> None:  # noqa: F811
+async def test_subscriber_sees_deltas_live(live: LiveServer, openai_server: FakeOpenAI) -> None:
     openai_server.enqueue(code_stream(delay=0.03), JSON(json.dumps(TIMELINE)))
     token = await live.register()
     session_id = await start(live, token, subtitles=SRT)
@@ -211,7 +225,9 @@ async def test_subscriber_sees_deltas_live(live: LiveServer, openai_server: Fake
     assert rebuild_code(events) == session["generatedCode"]
 
 
-async def test_reconnect_with_after_seq_misses_nothing(live: LiveServer, openai_server: FakeOpenAI) -> None:  # noqa: F811
+async def test_reconnect_with_after_seq_misses_nothing(
+    live: LiveServer, openai_server: FakeOpenAI
+) -> None:
     openai_server.enqueue(code_stream(delay=0.03), JSON(json.dumps(TIMELINE)))
     token = await live.register()
     session_id = await start(live, token, subtitles=SRT)
@@ -224,7 +240,8 @@ async def test_reconnect_with_after_seq_misses_nothing(live: LiveServer, openai_
     last_seen = first[-1]["seq"]
     await asyncio.sleep(0.2)
     rest = await asyncio.wait_for(
-        collect(live.ws_url, TRANSPORT_WS, token, PROGRESS, {"id": session_id, "after": last_seen}), 20
+        collect(live.ws_url, TRANSPORT_WS, token, PROGRESS, {"id": session_id, "after": last_seen}),
+        20,
     )
     events = rest
     assert events[0]["seq"] == last_seen + 1
@@ -240,7 +257,7 @@ async def test_reconnect_with_after_seq_misses_nothing(live: LiveServer, openai_
     assert late_events[0]["session"]["generatedCode"] == session["generatedCode"]
 
 
-async def test_cancel_mid_stream(live: LiveServer, openai_server: FakeOpenAI) -> None:  # noqa: F811
+async def test_cancel_mid_stream(live: LiveServer, openai_server: FakeOpenAI) -> None:
     openai_server.enqueue(Stream(content_chunks=chunks(CODE * 10, 8), chunk_delay=0.1), JSON("{}"))
     token = await live.register()
     session_id = await start(live, token, subtitles=SRT)
@@ -253,7 +270,9 @@ async def test_cancel_mid_stream(live: LiveServer, openai_server: FakeOpenAI) ->
                 break
         loop = asyncio.get_running_loop()
         started = loop.time()
-        result = await live.gql("mutation($id: ID!) { cancelSession(id: $id) { status } }", {"id": session_id}, token)
+        result = await live.gql(
+            "mutation($id: ID!) { cancelSession(id: $id) { status } }", {"id": session_id}, token
+        )
         assert result["data"]["cancelSession"]["status"] == "CANCELLED"
         async for data in stream:
             events.append(data["sessionProgress"])
@@ -267,7 +286,9 @@ async def test_cancel_mid_stream(live: LiveServer, openai_server: FakeOpenAI) ->
     assert session["status"] == "CANCELLED"
 
 
-async def test_retry_after_cancel_continues_sequence(live: LiveServer, openai_server: FakeOpenAI) -> None:  # noqa: F811
+async def test_retry_after_cancel_continues_sequence(
+    live: LiveServer, openai_server: FakeOpenAI
+) -> None:
     openai_server.enqueue(Fail(401))
     token = await live.register()
     session_id = await start(live, token, subtitles=SRT)
@@ -277,11 +298,15 @@ async def test_retry_after_cancel_continues_sequence(live: LiveServer, openai_se
     last_seq = before[-1]["seq"]
 
     openai_server.enqueue(code_stream(), JSON(json.dumps(TIMELINE)))
-    retried = await live.gql("mutation($id: ID!) { retrySession(id: $id) { status } }", {"id": session_id}, token)
+    retried = await live.gql(
+        "mutation($id: ID!) { retrySession(id: $id) { status } }", {"id": session_id}, token
+    )
     assert "errors" not in retried, retried
     done = await wait_terminal(live, token, session_id)
     assert done["status"] == "COMPLETED"
-    after = await collect(live.ws_url, TRANSPORT_WS, token, PROGRESS, {"id": session_id, "after": last_seq})
+    after = await collect(
+        live.ws_url, TRANSPORT_WS, token, PROGRESS, {"id": session_id, "after": last_seq}
+    )
     events = after
     assert events[0]["seq"] == last_seq + 1
     assert events[-1]["__typename"] == "SessionCompleted"
@@ -290,19 +315,41 @@ async def test_retry_after_cancel_continues_sequence(live: LiveServer, openai_se
 @pytest.mark.parametrize(
     ("scripts", "status", "code", "llm_requests"),
     [
-        pytest.param([Fail(429, retry_after=0), code_stream(), JSON(json.dumps(TIMELINE))], "COMPLETED", None, 3, id="429-then-success"),
+        pytest.param(
+            [Fail(429, retry_after=0), code_stream(), JSON(json.dumps(TIMELINE))],
+            "COMPLETED",
+            None,
+            3,
+            id="429-then-success",
+        ),
         pytest.param([Fail(401)], "ERROR", "DEEPSEEK_API_ERROR", 1, id="401"),
         pytest.param([Fail(402)], "ERROR", "DEEPSEEK_API_ERROR", 1, id="402"),
         pytest.param([Fail(400)], "ERROR", "DEEPSEEK_API_ERROR", 1, id="400"),
-        pytest.param([Fail(500), Fail(500), Fail(503)], "ERROR", "DEEPSEEK_API_ERROR", 3, id="500-forever"),
-        pytest.param([code_stream(disconnect_after=20), code_stream(), JSON(json.dumps(TIMELINE))], "COMPLETED", None, 3, id="disconnect-mid-stream"),
-        pytest.param([code_stream(), JSON("{this is not json")], "COMPLETED", None, 2, id="garbage-timeline"),
-        pytest.param([code_stream(), Fail(500), Fail(500), Fail(500)], "COMPLETED", None, 4, id="timeline-call-fails"),
+        pytest.param(
+            [Fail(500), Fail(500), Fail(503)], "ERROR", "DEEPSEEK_API_ERROR", 3, id="500-forever"
+        ),
+        pytest.param(
+            [code_stream(disconnect_after=20), code_stream(), JSON(json.dumps(TIMELINE))],
+            "COMPLETED",
+            None,
+            3,
+            id="disconnect-mid-stream",
+        ),
+        pytest.param(
+            [code_stream(), JSON("{this is not json")], "COMPLETED", None, 2, id="garbage-timeline"
+        ),
+        pytest.param(
+            [code_stream(), Fail(500), Fail(500), Fail(500)],
+            "COMPLETED",
+            None,
+            4,
+            id="timeline-call-fails",
+        ),
     ],
 )
 async def test_upstream_failure_modes(
     live: LiveServer,
-    openai_server: FakeOpenAI,  # noqa: F811
+    openai_server: FakeOpenAI,
     scripts: list[Any],
     status: str,
     code: str | None,
@@ -346,8 +393,8 @@ async def test_upstream_failure_modes(
 )
 async def test_subtitle_failures(
     live: LiveServer,
-    openai_server: FakeOpenAI,  # noqa: F811
-    bibigpt_server: FakeBibiGPT,  # noqa: F811
+    openai_server: FakeOpenAI,
+    bibigpt_server: FakeBibiGPT,
     script: Any,
     code: str,
     numeric: int,
@@ -362,7 +409,9 @@ async def test_subtitle_failures(
     assert openai_server.requests == []
 
 
-async def test_subscription_to_foreign_or_missing_session_is_refused(live: LiveServer, openai_server: FakeOpenAI) -> None:  # noqa: F811
+async def test_subscription_to_foreign_or_missing_session_is_refused(
+    live: LiveServer, openai_server: FakeOpenAI
+) -> None:
     openai_server.enqueue(code_stream(), JSON(json.dumps(TIMELINE)))
     alice = await live.register()
     bob = await live.register()
@@ -374,10 +423,9 @@ async def test_subscription_to_foreign_or_missing_session_is_refused(live: LiveS
                 await collect(live.ws_url, protocol, bob, PROGRESS, {"id": target})
             codes.append(caught.value.code)
         assert codes == ["NOT_FOUND", "NOT_FOUND"]
-    with pytest.raises(SubscriptionError) as anonymous:
-        async with connect(live.ws_url, TRANSPORT_WS) as ws:
-            async for _ in subscribe(ws, TRANSPORT_WS, PROGRESS, {"id": session_id}):
-                pass
+    async with connect(live.ws_url, TRANSPORT_WS) as ws:
+        with pytest.raises(SubscriptionError) as anonymous:
+            await anext(subscribe(ws, TRANSPORT_WS, PROGRESS, {"id": session_id}))
     assert anonymous.value.code == "UNAUTHENTICATED"
     await wait_terminal(live, alice, session_id)
 
