@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from sqlalchemy import text
@@ -27,11 +29,12 @@ from strawberry.exceptions import ConnectionRejectionError
 from strawberry.types.unset import UnsetType
 
 from mora_graphql.auth.tokens import bearer_token, decode_access_token
-from mora_graphql.cache import Cache, MemoryCache
+from mora_graphql.cache import Cache, MemoryCache, RedisCache
 from mora_graphql.config import Settings, get_settings
 from mora_graphql.db import Database, create_engine, create_sessionmaker
 from mora_graphql.errors import MoraError
 from mora_graphql.events.bus import EventBus, MemoryEventBus
+from mora_graphql.events.redis_bus import RedisEventBus
 from mora_graphql.graphql.context import Context
 from mora_graphql.graphql.schema import build_schema
 from mora_graphql.jobs.base import JobQueue
@@ -60,42 +63,78 @@ class Services:
         if runner is not None:
             await runner.aclose()
         await self.bus.close()
+        redis = self.extras.get("redis")
+        if redis is not None:
+            await redis.aclose()
         await self.http.aclose()
         await self.engine.dispose()
 
 
-async def create_services(settings: Settings, *, start_jobs: bool = True) -> Services:
-    from mora_graphql.jobs.inprocess import InProcessQueue
+async def create_services(settings: Settings, *, role: str = "api") -> Services:
+    """Build the process-wide services. `role`: "api" (serve) or "worker" (`mora worker`).
+
+    With the in-process backend the API process also runs the jobs and resumes the sessions a
+    previous process left unfinished; with procrastinate the workers do both.
+    """
     from mora_graphql.pipeline.run import PipelineRunner
 
     engine = create_engine(settings)
     db = create_sessionmaker(engine)
-    bus: EventBus = MemoryEventBus(
-        retention=settings.event_retention, buffer=settings.subscriber_buffer
-    )
     http = httpx.AsyncClient(timeout=settings.bibigpt_timeout, follow_redirects=True)
-    runner_box: list[PipelineRunner] = []
-
-    async def job(session_id: uuid.UUID) -> None:
-        await runner_box[0].run(session_id)
-
-    queue = InProcessQueue(job, concurrency=settings.job_concurrency)
-    services = Services(
-        settings=settings,
-        engine=engine,
-        db=db,
-        bus=bus,
-        queue=queue,
-        http=http,
-        cache=MemoryCache(),
+    redis = (
+        Redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=15)
+        if settings.redis_url
+        else None
     )
-    runner = PipelineRunner(services, shutting_down=lambda: queue.shutting_down)
+    bus: EventBus
+    cache: Cache
+    if redis is not None:
+        bus = RedisEventBus(
+            redis, retention=settings.event_retention, buffer=settings.subscriber_buffer
+        )
+        cache = RedisCache(redis)
+    else:
+        bus = MemoryEventBus(retention=settings.event_retention, buffer=settings.subscriber_buffer)
+        cache = MemoryCache()
+    runner_box: list[PipelineRunner] = []
+    queue: JobQueue
+    if settings.uses_procrastinate:
+        from mora_graphql.jobs.procrastinate_queue import ProcrastinateQueue, build_app
+
+        queue = ProcrastinateQueue(build_app(settings.database_url), db)
+    else:
+        from mora_graphql.jobs.inprocess import InProcessQueue
+
+        async def job(session_id: uuid.UUID) -> None:
+            await runner_box[0].run(session_id, stopping=lambda: inprocess.shutting_down)
+
+        inprocess = InProcessQueue(job, concurrency=settings.job_concurrency)
+        queue = inprocess
+    services = Services(
+        settings=settings, engine=engine, db=db, bus=bus, queue=queue, http=http, cache=cache
+    )
+    if redis is not None:
+        services.extras["redis"] = redis
+        services.extras["redis_ping"] = _redis_probe(redis)
+    runner = PipelineRunner(services)
     runner_box.append(runner)
     services.extras["runner"] = runner
-    if start_jobs:
-        await queue.start()
+    if isinstance(bus, RedisEventBus):
+        await bus.start()
+    await queue.start()
+    if not settings.uses_procrastinate and role == "api":
         await runner.resume_unfinished()
     return services
+
+
+def _redis_probe(redis: Redis) -> Callable[[], Awaitable[bool]]:
+    async def ping() -> bool:
+        try:
+            return bool(await asyncio.wait_for(redis.ping(), 2))
+        except (RedisError, OSError, TimeoutError):
+            return False
+
+    return ping
 
 
 class MoraGraphQL(GraphQL[Context, None]):

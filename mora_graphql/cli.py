@@ -47,8 +47,30 @@ def cmd_migrate(args: argparse.Namespace) -> None:
     settings = _settings_or_exit()
     if args.downgrade:
         downgrade_database(settings.database_url, args.downgrade)
-    else:
-        upgrade_database(settings.database_url, args.revision)
+        return
+    upgrade_database(settings.database_url, args.revision)
+    if not settings.is_sqlite:
+        from mora_graphql.jobs.procrastinate_queue import build_app, install_schema
+
+        if asyncio.run(install_schema(build_app(settings.database_url))):
+            print("installed the job queue schema")
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from mora_graphql.logging import configure_logging
+    from mora_graphql.worker import run_worker
+
+    settings = _settings_or_exit()
+    if not settings.uses_procrastinate:
+        sys.exit(
+            "mora: `mora worker` needs the distributed job queue (a PostgreSQL DATABASE_URL plus "
+            "REDIS_URL, or JOB_BACKEND=procrastinate); in the embedded mode `mora serve` runs "
+            "the jobs itself."
+        )
+    if args.concurrency:
+        settings = settings.model_copy(update={"job_concurrency": args.concurrency})
+    configure_logging(settings.log_level, json=settings.json_logs)
+    asyncio.run(run_worker(settings))
 
 
 def cmd_export_schema(args: argparse.Namespace) -> None:
@@ -107,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--downgrade", metavar="REVISION", help="downgrade to REVISION (e.g. base)"
     )
     migrate.set_defaults(func=cmd_migrate)
+
+    worker = sub.add_parser("worker", help="run pipeline jobs from the PostgreSQL queue")
+    worker.add_argument("--concurrency", type=int, help="jobs at once (default JOB_CONCURRENCY)")
+    worker.set_defaults(func=cmd_worker)
 
     export = sub.add_parser("export-schema", help="print the GraphQL SDL")
     export.add_argument("-o", "--output", default="-")

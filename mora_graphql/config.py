@@ -63,7 +63,12 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     graphiql: bool | None = None
 
+    job_backend: Literal["auto", "inprocess", "procrastinate"] = "auto"
     job_concurrency: int = 8
+    worker_heartbeat_interval: float = 5.0
+    stalled_job_timeout: float = 20.0
+    reconcile_interval: float = 15.0
+    worker_shutdown_timeout: float = 30.0
     checkpoint_interval: float = 1.0
     event_retention: int = 10_000
     subscriber_buffer: int = 1_000
@@ -84,7 +89,9 @@ class Settings(BaseSettings):
                     "when ENVIRONMENT=production (for example: "
                     'python -c "import secrets; print(secrets.token_urlsafe(48))")'
                 )
-        elif self.secret_key is None:
+        if self.job_backend == "procrastinate" and self.is_sqlite:
+            raise SettingsError("JOB_BACKEND=procrastinate needs a PostgreSQL DATABASE_URL.")
+        if self.secret_key is None:
             self.secret_key = SecretStr(secrets.token_urlsafe(48))
         return self
 
@@ -95,6 +102,13 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    @property
+    def uses_procrastinate(self) -> bool:
+        """PostgreSQL + Redis means the distributed topology unless JOB_BACKEND says otherwise."""
+        if self.job_backend == "auto":
+            return not self.is_sqlite and bool(self.redis_url)
+        return self.job_backend == "procrastinate"
 
     @property
     def graphiql_enabled(self) -> bool:

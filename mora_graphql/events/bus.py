@@ -13,28 +13,48 @@ from mora_graphql.events.types import SessionEvent
 
 
 class Subscriber:
-    """A bounded buffer for one subscriber; a full buffer marks it lagging instead of blocking."""
+    """A bounded buffer for one subscriber.
+
+    A full buffer never blocks the publisher: the subscriber is marked lagging, its buffer
+    dropped, and it catches up from the replay log (see `follow_session`).
+    """
 
     def __init__(self, session_id: uuid.UUID, maxsize: int) -> None:
         self.session_id = session_id
-        self.queue: asyncio.Queue[SessionEvent] = asyncio.Queue(maxsize)
+        self.maxsize = maxsize
         self.lagging = False
+        self._items: deque[SessionEvent] = deque()
+        self._ready = asyncio.Event()
 
     def offer(self, event: SessionEvent) -> None:
         if self.lagging:
             return
-        try:
-            self.queue.put_nowait(event)
-        except asyncio.QueueFull:
-            self.lagging = True
+        if len(self._items) >= self.maxsize:
+            self.resync()
+            return
+        self._items.append(event)
+        self._ready.set()
 
-    async def get(self) -> SessionEvent:
-        return await self.queue.get()
+    def resync(self) -> None:
+        """Ask the consumer to catch up from the replay log (e.g. after a bus reconnect)."""
+        self.lagging = True
+        self._items.clear()
+        self._ready.set()
+
+    async def get(self, idle_timeout: float | None = None) -> SessionEvent | None:
+        """The next event; None when the consumer must catch up (lagging, or idle too long)."""
+        while not self._items and not self.lagging:
+            self._ready.clear()
+            try:
+                await asyncio.wait_for(self._ready.wait(), idle_timeout)
+            except TimeoutError:
+                return None
+        if self.lagging:
+            return None
+        return self._items.popleft()
 
     def reset(self) -> None:
-        """Forget the buffer after the caller caught up through replay."""
-        while not self.queue.empty():
-            self.queue.get_nowait()
+        self._items.clear()
         self.lagging = False
 
 

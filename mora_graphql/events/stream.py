@@ -60,18 +60,27 @@ async def follow_session(
     *,
     owner_id: uuid.UUID | None,
     after_seq: int | None = None,
+    idle_timeout: float = 5.0,
 ) -> AsyncIterator[Snapshot | SessionEvent]:
-    """Raises NotFound before yielding anything when the session is absent or not visible."""
+    """Raises NotFound before yielding anything when the session is absent or not visible.
+
+    After `idle_timeout` seconds without an event the replay log is checked, so an event
+    lost by the live channel (e.g. during a reconnect) is still delivered.
+    """
     async with bus.subscribe(session_id) as subscriber:
         row = await _load(db, session_id, owner_id)
         last = -1
         replayed = await bus.replay(session_id, after_seq) if after_seq is not None else None
+        if replayed is not None and after_seq is not None:
+            reach = replayed[-1].seq if replayed else after_seq
+            if reach < row.last_seq:
+                replayed = None
         if after_seq is not None and replayed is not None:
             last = after_seq
-            for event in replayed:
-                yield event
-                last = event.seq
-                if event.is_terminal:
+            for old in replayed:
+                yield old
+                last = old.seq
+                if old.is_terminal:
                     return
             if row.status.is_terminal and last >= row.last_seq:
                 return
@@ -83,17 +92,10 @@ async def follow_session(
             last = row.last_seq
 
         while True:
-            if subscriber.lagging:
-                async for item, seq in _catch_up(db, bus, subscriber, session_id, owner_id, last):
-                    yield item
-                    last = seq
-                    if _is_end(item):
-                        return
+            event = await subscriber.get(idle_timeout)
+            if event is not None and event.seq <= last:
                 continue
-            event = await subscriber.get()
-            if event.seq <= last:
-                continue
-            if event.seq > last + 1:
+            if event is None or event.seq > last + 1:
                 async for item, seq in _catch_up(db, bus, subscriber, session_id, owner_id, last):
                     yield item
                     last = seq

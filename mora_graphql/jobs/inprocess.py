@@ -14,7 +14,9 @@ log = structlog.get_logger(__name__)
 
 
 class InProcessQueue:
-    def __init__(self, job: JobFunction, *, concurrency: int = 8, cancel_timeout: float = 5.0) -> None:
+    def __init__(
+        self, job: JobFunction, *, concurrency: int = 8, cancel_timeout: float = 5.0
+    ) -> None:
         self.job = job
         self.cancel_timeout = cancel_timeout
         self._slots = asyncio.Semaphore(concurrency)

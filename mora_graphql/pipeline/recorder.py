@@ -82,7 +82,9 @@ class SessionRecorder:
             await recorder.code_reset()
         return recorder
 
-    def _event(self, kind: EventKind, seq: int, text: str | None, payload: str | None) -> SessionEvent:
+    def _event(
+        self, kind: EventKind, seq: int, text: str | None, payload: str | None
+    ) -> SessionEvent:
         return SessionEvent(
             session_id=self.session_id,
             seq=seq,
@@ -96,7 +98,12 @@ class SessionRecorder:
         )
 
     async def _publish(
-        self, kind: EventKind, *, seq: int | None = None, text: str | None = None, payload: str | None = None
+        self,
+        kind: EventKind,
+        *,
+        seq: int | None = None,
+        text: str | None = None,
+        payload: str | None = None,
     ) -> SessionEvent:
         if seq is None:
             self.seq += 1
@@ -160,7 +167,9 @@ class SessionRecorder:
             await SessionRepository(session).update_if_active(self.session_id, **values)
         self._checkpointed_seq = self.seq
 
-    async def _finish(self, kind: EventKind, status: SessionStatus, payload: str | None, **fields: Any) -> bool:
+    async def _finish(
+        self, kind: EventKind, status: SessionStatus, payload: str | None, **fields: Any
+    ) -> bool:
         seq = self.seq + 1
         async with transaction(self.db) as session:
             done = await SessionRepository(session).update_if_active(

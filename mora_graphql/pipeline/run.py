@@ -51,10 +51,9 @@ class RunContext:
 class PipelineRunner:
     """Runs sessions; every outcome ends in exactly one terminal write and event."""
 
-    def __init__(self, services: Services, *, shutting_down: Callable[[], bool]) -> None:
+    def __init__(self, services: Services) -> None:
         self.services = services
         self.settings = services.settings
-        self.shutting_down = shutting_down
         self.llm = LLMClient(services.settings)
 
     async def aclose(self) -> None:
@@ -85,7 +84,10 @@ class PipelineRunner:
         if ids:
             log.info("resumed unfinished sessions", count=len(ids))
 
-    async def run(self, session_id: uuid.UUID) -> None:
+    async def run(
+        self, session_id: uuid.UUID, *, stopping: Callable[[], bool] | None = None
+    ) -> None:
+        """`stopping()` tells a shutdown (leave the session to be resumed) from a user cancel."""
         services = self.services
         recorder = await SessionRecorder.begin(
             services.db,
@@ -99,7 +101,7 @@ class PipelineRunner:
         try:
             await self._run(recorder)
         except asyncio.CancelledError:
-            if not self.shutting_down():
+            if stopping is None or not stopping():
                 await asyncio.shield(recorder.cancelled())
             raise
         except (PipelineError, LLMError) as exc:

@@ -1,0 +1,182 @@
+"""Redis event bus: a stream per session for replay, one pub/sub connection per process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+import structlog
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError, ResponseError
+
+from mora_graphql.events.bus import Subscriber
+from mora_graphql.events.types import SessionEvent
+
+log = structlog.get_logger("mora.events")
+
+CONTROL_CHANNEL = "mora:events:control"
+
+
+class RedisEventBus:
+    """Events are XADDed to `mora:events:{sid}` with id `{seq}-0` (a duplicate is refused by
+    Redis itself) and PUBLISHed on the same name. Each process keeps one pub/sub connection,
+    subscribed to the sessions its clients follow; after a reconnect every local subscriber is
+    told to catch up from the stream, so a dropped message never becomes a gap."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        retention: int = 10_000,
+        buffer: int = 1_000,
+        active_ttl: int = 86_400,
+        finished_ttl: int = 3_600,
+        prefix: str = "mora:events:",
+    ) -> None:
+        self.redis = redis
+        self.retention = retention
+        self.buffer = buffer
+        self.active_ttl = active_ttl
+        self.finished_ttl = finished_ttl
+        self.prefix = prefix
+        self._subscribers: dict[uuid.UUID, set[Subscriber]] = {}
+        self._pubsub: PubSub | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._closed = False
+        self.reconnects = 0
+
+    def _key(self, session_id: uuid.UUID) -> str:
+        return f"{self.prefix}{session_id}"
+
+    async def start(self) -> None:
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read_forever(), name="redis-event-reader")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._connected.wait(), 5)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+
+    async def publish(self, event: SessionEvent) -> None:
+        key = self._key(event.session_id)
+        payload = event.to_json()
+        ttl = self.finished_ttl if event.is_terminal else self.active_ttl
+        try:
+            await self.redis.xadd(
+                key, {"e": payload}, id=f"{event.seq}-0", maxlen=self.retention, approximate=True
+            )
+        except ResponseError as exc:
+            if "equal or smaller" in str(exc):
+                return
+            raise
+        except RedisError as exc:
+            log.warning("event not stored", seq=event.seq, error=type(exc).__name__)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.expire(key, ttl)
+                pipe.publish(key, payload)
+                await pipe.execute()
+        except RedisError as exc:
+            log.warning("event not published", seq=event.seq, error=type(exc).__name__)
+
+    async def replay(self, session_id: uuid.UUID, after_seq: int) -> list[SessionEvent] | None:
+        try:
+            first = await self.redis.xrange(self._key(session_id), count=1)
+            entries = await self.redis.xrange(self._key(session_id), min=f"{after_seq + 1}-0")
+        except RedisError as exc:
+            log.warning("replay unavailable", error=type(exc).__name__)
+            return None
+        if not first:
+            return [] if after_seq == 0 else None
+        if _seq(first[0][0]) > after_seq + 1:
+            return None
+        return [SessionEvent.from_json(fields[b"e"]) for _id, fields in entries or [] if fields]
+
+    async def last_seq(self, session_id: uuid.UUID) -> int:
+        entries = await self.redis.xrevrange(self._key(session_id), count=1)
+        return _seq(entries[0][0]) if entries else 0
+
+    def subscribe(self, session_id: uuid.UUID) -> AbstractAsyncContextManager[Subscriber]:
+        return self._subscription(session_id)
+
+    @asynccontextmanager
+    async def _subscription(self, session_id: uuid.UUID) -> AsyncIterator[Subscriber]:
+        subscriber = Subscriber(session_id, self.buffer)
+        local = self._subscribers.setdefault(session_id, set())
+        first = not local
+        local.add(subscriber)
+        if first and self._pubsub is not None:
+            try:
+                await self._pubsub.subscribe(self._key(session_id))
+            except RedisError:
+                subscriber.resync()
+        try:
+            yield subscriber
+        finally:
+            local.discard(subscriber)
+            if not local and self._subscribers.get(session_id) is local:
+                del self._subscribers[session_id]
+                if self._pubsub is not None:
+                    with contextlib.suppress(RedisError):
+                        await self._pubsub.unsubscribe(self._key(session_id))
+
+    def _dispatch(self, channel: bytes | str, data: bytes | str) -> None:
+        name = channel.decode() if isinstance(channel, bytes) else channel
+        try:
+            session_id = uuid.UUID(name.removeprefix(self.prefix))
+        except ValueError:
+            return
+        subscribers = self._subscribers.get(session_id)
+        if not subscribers:
+            return
+        event = SessionEvent.from_json(data)
+        for subscriber in list(subscribers):
+            subscriber.offer(event)
+
+    def _resync_all(self) -> None:
+        for subscribers in self._subscribers.values():
+            for subscriber in subscribers:
+                subscriber.resync()
+
+    async def _read_forever(self) -> None:
+        delay = 0.1
+        while not self._closed:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(CONTROL_CHANNEL, *(self._key(s) for s in self._subscribers))
+                self._pubsub = pubsub
+                self._connected.set()
+                self._resync_all()
+                delay = 0.1
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
+                    if message is not None and message["type"] == "message":
+                        self._dispatch(message["channel"], message["data"])
+            except (RedisError, OSError) as exc:
+                log.warning("event bus connection lost; reconnecting", error=type(exc).__name__)
+            finally:
+                self._pubsub = None
+                self._connected.clear()
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            self.reconnects += 1
+            self._resync_all()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def _seq(entry_id: bytes | str | None) -> int:
+    if entry_id is None:
+        return 0
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(text.split("-", 1)[0])

@@ -1,0 +1,77 @@
+"""`mora worker`: runs pipeline jobs from procrastinate, recovers stalled and orphaned ones."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import Callable
+
+import structlog
+
+from mora_graphql.app import Services, create_services
+from mora_graphql.config import Settings
+from mora_graphql.jobs.procrastinate_queue import (
+    ProcrastinateQueue,
+    orphaned_sessions,
+    retry_stalled_jobs,
+)
+from mora_graphql.pipeline.run import PipelineRunner
+
+log = structlog.get_logger("mora.worker")
+
+
+async def maintain(services: Services, queue: ProcrastinateQueue) -> None:
+    """Every worker runs this; each step is idempotent, so several at once are harmless."""
+    settings = services.settings
+    last_reconcile = 0.0
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            await retry_stalled_jobs(queue.app, heartbeat_timeout=settings.stalled_job_timeout)
+            if loop.time() - last_reconcile >= settings.reconcile_interval:
+                last_reconcile = loop.time()
+                orphans = await orphaned_sessions(
+                    services.db, older_than=settings.reconcile_interval
+                )
+                for session_id in orphans:
+                    await queue.enqueue(session_id)
+                if orphans:
+                    log.warning("re-queued sessions without a job", count=len(orphans))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("maintenance step failed")
+        await asyncio.sleep(settings.worker_heartbeat_interval)
+
+
+async def run_worker(settings: Settings) -> None:
+    services = await create_services(settings, role="worker")
+    queue = services.queue
+    assert isinstance(queue, ProcrastinateQueue)
+    runner: PipelineRunner = services.extras["runner"]
+
+    async def run(session_id: uuid.UUID, stopping: Callable[[], bool]) -> None:
+        await runner.run(session_id, stopping=stopping)
+
+    name = f"mora-{socket.gethostname()}-{os.getpid()}"
+    maintenance = asyncio.create_task(maintain(services, queue), name="worker-maintenance")
+    log.info("worker started", name=name, concurrency=settings.job_concurrency)
+    try:
+        await queue.app.run_worker_async(
+            name=name,
+            concurrency=settings.job_concurrency,
+            additional_context={"run": run},
+            install_signal_handlers=True,
+            listen_notify=True,
+            update_heartbeat_interval=settings.worker_heartbeat_interval,
+            stalled_worker_timeout=settings.stalled_job_timeout,
+            shutdown_graceful_timeout=settings.worker_shutdown_timeout,
+            delete_jobs="successful",
+        )
+    finally:
+        maintenance.cancel()
+        await asyncio.gather(maintenance, return_exceptions=True)
+        await services.aclose()
+        log.info("worker stopped", name=name)
