@@ -28,6 +28,7 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    forwarded_allow_ips: str = "127.0.0.1"
 
     database_url: str = DEFAULT_SQLITE_URL
     database_pool_size: int = 10
@@ -63,6 +64,31 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     graphiql: bool | None = None
 
+    refresh_token_ttl: int = 30 * 86_400
+    registration_enabled: bool = True
+
+    rate_limit_enabled: bool = True
+    rate_limit_storage_url: str | None = None
+    rate_limit_key_prefix: str = "mora"
+    rate_limit_per_ip: str = "300/minute"
+    login_rate_limit_per_ip: str = "30/minute"
+    login_rate_limit_per_account: str = "10/15 minutes"
+    register_rate_limit_per_ip: str = "10/hour"
+    register_rate_limit_per_account: str = "5/hour"
+    max_subscriptions_per_user: int = 20
+    max_subscriptions_per_connection: int = 10
+
+    graphql_max_depth: int = 8
+    graphql_max_aliases: int = 15
+    graphql_max_tokens: int = 1_000
+    graphql_max_directives: int = 50
+    graphql_max_document_bytes: int = 32_768
+    graphql_introspection: bool | None = None
+    graphql_field_suggestions: bool | None = None
+    max_request_bytes: int = 4 * 1_048_576
+    max_ws_message_bytes: int = 4 * 1_048_576
+    ws_connection_init_timeout: float = 10.0
+
     job_backend: Literal["auto", "inprocess", "procrastinate"] = "auto"
     job_concurrency: int = 8
     worker_heartbeat_interval: float = 5.0
@@ -78,6 +104,20 @@ class Settings(BaseSettings):
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator(
+        "rate_limit_per_ip",
+        "login_rate_limit_per_ip",
+        "login_rate_limit_per_account",
+        "register_rate_limit_per_ip",
+        "register_rate_limit_per_account",
+    )
+    @classmethod
+    def _check_rate_limit(cls, value: str) -> str:
+        from limits import parse
+
+        parse(value)
         return value
 
     @model_validator(mode="after")
@@ -113,6 +153,30 @@ class Settings(BaseSettings):
     @property
     def graphiql_enabled(self) -> bool:
         return (not self.is_production) if self.graphiql is None else self.graphiql
+
+    @property
+    def introspection_enabled(self) -> bool:
+        if self.graphql_introspection is None:
+            return not self.is_production
+        return self.graphql_introspection
+
+    @property
+    def field_suggestions_enabled(self) -> bool:
+        if self.graphql_field_suggestions is None:
+            return not self.is_production
+        return self.graphql_field_suggestions
+
+    @property
+    def rate_limit_storage(self) -> str:
+        """A `limits` storage URI: the explicit setting, else Redis when configured, else memory."""
+        if self.rate_limit_storage_url:
+            return self.rate_limit_storage_url
+        if self.redis_url:
+            scheme, _, rest = self.redis_url.partition("://")
+            if scheme == "unix":
+                return f"async+redis+unix://{rest}"
+            return f"async+{scheme}://{rest}"
+        return "async+memory://"
 
     @property
     def json_logs(self) -> bool:

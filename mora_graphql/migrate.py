@@ -10,10 +10,19 @@ from alembic.config import Config
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _project_root() -> Path:
+    """The checkout (editable install) or the working directory holding `migrations/`."""
+    for candidate in (ROOT, Path.cwd()):
+        if (candidate / "migrations" / "env.py").exists():
+            return candidate
+    raise FileNotFoundError("migrations/ not found next to the package or in the working directory")
+
+
 def alembic_config(database_url: str | None = None) -> Config:
-    pyproject = ROOT / "pyproject.toml"
+    root = _project_root()
+    pyproject = root / "pyproject.toml"
     config = Config(toml_file=str(pyproject)) if pyproject.exists() else Config()
-    config.set_main_option("script_location", str(ROOT / "migrations"))
+    config.set_main_option("script_location", str(root / "migrations"))
     if database_url:
         config.attributes["database_url"] = database_url
     return config

@@ -81,6 +81,21 @@ def postgres_url() -> str:
     return TEST_DATABASE_URL
 
 
+@pytest.fixture
+def redis_url() -> str:
+    """A clean Redis database (TEST_REDIS_URL)."""
+    from redis import Redis
+
+    client = Redis.from_url(TEST_REDIS_URL, socket_connect_timeout=3)
+    try:
+        client.flushdb()
+    except Exception as exc:
+        unavailable(f"Redis not reachable at TEST_REDIS_URL: {type(exc).__name__}: {exc}")
+    finally:
+        client.close()
+    return TEST_REDIS_URL
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest) -> str:
     name = "sqlite_url" if request.param == "sqlite" else "postgres_url"

@@ -1,0 +1,184 @@
+"""Both buses through the real recorder and `follow_session`: order, no gaps, no duplicates."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from mora_graphql.db import Database, create_engine, create_sessionmaker, transaction
+from mora_graphql.events.bus import EventBus, MemoryEventBus
+from mora_graphql.events.redis_bus import RedisEventBus
+from mora_graphql.events.stream import Snapshot, follow_session
+from mora_graphql.events.types import EventKind, SessionEvent
+from mora_graphql.models import Platform, User, VideoSession
+from mora_graphql.pipeline.recorder import SessionRecorder
+from tests.conftest import make_settings
+
+
+@pytest.fixture
+async def db(sqlite_url: str) -> AsyncIterator[Database]:
+    engine = create_engine(make_settings(sqlite_url))
+    yield create_sessionmaker(engine)
+    await engine.dispose()
+
+
+async def new_session(db: Database) -> uuid.UUID:
+    async with transaction(db) as session:
+        user = User(email=f"{uuid.uuid4().hex}@example.com", password_hash="x")
+        session.add(user)
+        await session.flush()
+        row = VideoSession(
+            owner_id=user.id,
+            video_url="https://www.youtube.com/watch?v=dQw4w9WgXcQ",
+            platform=Platform.YOUTUBE,
+            video_id="youtube:dQw4w9WgXcQ",
+            language="python",
+        )
+        session.add(row)
+        await session.flush()
+        return row.id
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def buses(request: pytest.FixtureRequest) -> AsyncIterator[tuple[EventBus, EventBus, list[Any]]]:
+    """A publishing bus and a subscribing bus (two processes' worth for Redis)."""
+    if request.param == "memory":
+        bus = MemoryEventBus(buffer=8)
+        yield bus, bus, []
+        await bus.close()
+        return
+    url = request.getfixturevalue("redis_url")
+    clients = [Redis.from_url(url), Redis.from_url(url)]
+    publisher = RedisEventBus(clients[0], buffer=8)
+    subscriber = RedisEventBus(clients[1], buffer=8)
+    await publisher.start()
+    await subscriber.start()
+    yield publisher, subscriber, clients
+    for bus in (publisher, subscriber):
+        await bus.close()
+    for client in clients:
+        await client.aclose()
+
+
+async def produce(db: Database, bus: EventBus, session_id: uuid.UUID, deltas: int, pause: float) -> str:
+    recorder = await SessionRecorder.begin(db, bus, session_id, checkpoint_interval=0.01)
+    assert recorder is not None
+    for index in range(deltas):
+        await recorder.code_delta(f"line {index}\n")
+        if pause:
+            await asyncio.sleep(pause)
+    await recorder.complete()
+    return recorder.code
+
+
+def check_stream(items: list[Snapshot | SessionEvent], final_code: str) -> None:
+    assert isinstance(items[0], Snapshot)
+    seqs = [item.seq for item in items]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
+    code = items[0].row.generated_code or ""
+    for item in items[1:]:
+        assert isinstance(item, SessionEvent)
+        if item.kind is EventKind.CODE_RESET:
+            code = ""
+        elif item.kind is EventKind.CODE_DELTA:
+            code += item.text or ""
+    assert code == final_code
+    last = items[-1]
+    assert isinstance(last, SessionEvent)
+    assert last.kind is EventKind.COMPLETED
+
+
+async def consume(db: Database, bus: EventBus, session_id: uuid.UUID, *, slow: float = 0.0, after: int | None = None) -> list[Snapshot | SessionEvent]:
+    items: list[Snapshot | SessionEvent] = []
+    async for item in follow_session(db, bus, session_id, owner_id=None, after_seq=after, idle_timeout=0.5):
+        items.append(item)
+        if slow:
+            await asyncio.sleep(slow)
+    return items
+
+
+async def test_subscribers_get_everything_in_order(db: Database, buses: tuple[EventBus, EventBus, list[Any]]) -> None:
+    publisher, subscriber, _ = buses
+    session_id = await new_session(db)
+    fast = asyncio.create_task(consume(db, subscriber, session_id))
+    slow = asyncio.create_task(consume(db, subscriber, session_id, slow=0.01))
+    await asyncio.sleep(0.1)
+    code = await produce(db, publisher, session_id, deltas=60, pause=0.002)
+    for task in (fast, slow):
+        check_stream(await asyncio.wait_for(task, 15), code)
+
+
+async def test_slow_subscriber_does_not_slow_the_publisher(db: Database, buses: tuple[EventBus, EventBus, list[Any]]) -> None:
+    publisher, subscriber, _ = buses
+    session_id = await new_session(db)
+    stuck = asyncio.Event()
+
+    async def never_reads() -> None:
+        async with subscriber.subscribe(session_id) as sub:
+            await stuck.wait()
+            assert sub.lagging
+
+    reader = asyncio.create_task(never_reads())
+    await asyncio.sleep(0.05)
+    code = await asyncio.wait_for(produce(db, publisher, session_id, deltas=200, pause=0), 10)
+    stuck.set()
+    await reader
+    check_stream(await consume(db, subscriber, session_id), code)
+
+
+async def test_replay_after_seq(db: Database, buses: tuple[EventBus, EventBus, list[Any]]) -> None:
+    publisher, subscriber, _ = buses
+    session_id = await new_session(db)
+    code = await produce(db, publisher, session_id, deltas=10, pause=0)
+    everything = await publisher.replay(session_id, 0)
+    assert everything is not None
+    assert [e.seq for e in everything] == list(range(1, len(everything) + 1))
+    tail = await consume(db, subscriber, session_id, after=5)
+    assert [item.seq for item in tail] == list(range(6, everything[-1].seq + 1))
+    assert await subscriber.last_seq(session_id) == everything[-1].seq
+    assert code.count("line") == 10
+
+
+async def test_duplicate_sequence_numbers_are_dropped(db: Database, buses: tuple[EventBus, EventBus, list[Any]]) -> None:
+    publisher, _, _ = buses
+    session_id = await new_session(db)
+    await produce(db, publisher, session_id, deltas=3, pause=0)
+    before = await publisher.replay(session_id, 0)
+    assert before is not None
+    await publisher.publish(before[1])
+    after = await publisher.replay(session_id, 0)
+    assert after == before
+
+
+@pytest.mark.redis
+async def test_redis_reconnect_loses_nothing(db: Database, redis_url: str) -> None:
+    clients = [Redis.from_url(redis_url), Redis.from_url(redis_url), Redis.from_url(redis_url)]
+    publisher = RedisEventBus(clients[0])
+    subscriber = RedisEventBus(clients[1])
+    await publisher.start()
+    await subscriber.start()
+    try:
+        session_id = await new_session(db)
+        consumer = asyncio.create_task(consume(db, subscriber, session_id))
+        await asyncio.sleep(0.1)
+
+        async def kill_pubsub() -> None:
+            for _ in range(3):
+                await asyncio.sleep(0.15)
+                await clients[2].client_kill_filter(_type="pubsub")
+
+        killer = asyncio.create_task(kill_pubsub())
+        code = await produce(db, publisher, session_id, deltas=80, pause=0.01)
+        await killer
+        check_stream(await asyncio.wait_for(consumer, 20), code)
+        assert subscriber.reconnects >= 1
+    finally:
+        for bus in (publisher, subscriber):
+            await bus.close()
+        for client in clients:
+            await client.aclose()
