@@ -17,6 +17,7 @@ from mora_graphql.jobs.procrastinate_queue import (
     orphaned_sessions,
     retry_stalled_jobs,
 )
+from mora_graphql.metrics import ORPHANS_REQUEUED, STALLED_JOBS_RETRIED
 from mora_graphql.pipeline.run import PipelineRunner
 
 log = structlog.get_logger("mora.worker")
@@ -29,7 +30,10 @@ async def maintain(services: Services, queue: ProcrastinateQueue) -> None:
     loop = asyncio.get_running_loop()
     while True:
         try:
-            await retry_stalled_jobs(queue.app, heartbeat_timeout=settings.stalled_job_timeout)
+            retried = await retry_stalled_jobs(
+                queue.app, heartbeat_timeout=settings.stalled_job_timeout
+            )
+            STALLED_JOBS_RETRIED.inc(retried)
             if loop.time() - last_reconcile >= settings.reconcile_interval:
                 last_reconcile = loop.time()
                 orphans = await orphaned_sessions(
@@ -37,6 +41,7 @@ async def maintain(services: Services, queue: ProcrastinateQueue) -> None:
                 )
                 for session_id in orphans:
                     await queue.enqueue(session_id)
+                ORPHANS_REQUEUED.inc(len(orphans))
                 if orphans:
                     log.warning("re-queued sessions without a job", count=len(orphans))
         except asyncio.CancelledError:

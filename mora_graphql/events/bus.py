@@ -10,6 +10,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
 from mora_graphql.events.types import SessionEvent
+from mora_graphql.metrics import EVENTS_PUBLISHED
 
 
 class Subscriber:
@@ -89,6 +90,7 @@ class MemoryEventBus:
         if event.seq <= self._last.get(sid, 0):
             return
         self._last[sid] = event.seq
+        EVENTS_PUBLISHED.labels(event.kind.value).inc()
         self._events.setdefault(sid, deque(maxlen=self.retention)).append(event)
         for subscriber in self._subscribers.get(sid, ()):
             subscriber.offer(event)

@@ -15,6 +15,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from mora_graphql.events.bus import Subscriber
 from mora_graphql.events.types import SessionEvent
+from mora_graphql.metrics import EVENTS_PUBLISHED
 
 log = structlog.get_logger("mora.events")
 
@@ -81,6 +82,7 @@ class RedisEventBus:
             raise
         except RedisError as exc:
             log.warning("event not stored", seq=event.seq, error=type(exc).__name__)
+        EVENTS_PUBLISHED.labels(event.kind.value).inc()
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.expire(key, ttl)

@@ -12,6 +12,7 @@ from mora_graphql.db import Database, utcnow
 from mora_graphql.errors import NotFound
 from mora_graphql.events.bus import EventBus, Subscriber
 from mora_graphql.events.types import EventKind, SessionEvent
+from mora_graphql.metrics import SUBSCRIBER_CATCH_UPS, SUBSCRIPTIONS
 from mora_graphql.models import SessionStatus, VideoSession
 from mora_graphql.sessions.repository import SessionRepository
 
@@ -68,44 +69,65 @@ async def follow_session(
     lost by the live channel (e.g. during a reconnect) is still delivered.
     """
     async with bus.subscribe(session_id) as subscriber:
-        row = await _load(db, session_id, owner_id)
-        last = -1
-        replayed = await bus.replay(session_id, after_seq) if after_seq is not None else None
-        if replayed is not None and after_seq is not None:
-            reach = replayed[-1].seq if replayed else after_seq
-            if reach < row.last_seq:
-                replayed = None
-        if after_seq is not None and replayed is not None:
-            last = after_seq
-            for old in replayed:
-                yield old
-                last = old.seq
-                if old.is_terminal:
-                    return
-            if row.status.is_terminal and last >= row.last_seq:
-                return
-        else:
-            async for item in _snapshot(row):
+        SUBSCRIPTIONS.inc()
+        try:
+            async for item in _follow(
+                db, bus, subscriber, session_id, owner_id, after_seq, idle_timeout
+            ):
                 yield item
-            if row.status.is_terminal:
-                return
-            last = row.last_seq
+        finally:
+            SUBSCRIPTIONS.dec()
 
-        while True:
-            event = await subscriber.get(idle_timeout)
-            if event is not None and event.seq <= last:
-                continue
-            if event is None or event.seq > last + 1:
-                async for item, seq in _catch_up(db, bus, subscriber, session_id, owner_id, last):
-                    yield item
-                    last = seq
-                    if _is_end(item):
-                        return
-                continue
-            yield event
-            last = event.seq
-            if event.is_terminal:
+
+async def _follow(
+    db: Database,
+    bus: EventBus,
+    subscriber: Subscriber,
+    session_id: uuid.UUID,
+    owner_id: uuid.UUID | None,
+    after_seq: int | None,
+    idle_timeout: float,
+) -> AsyncIterator[Snapshot | SessionEvent]:
+    row = await _load(db, session_id, owner_id)
+    last = -1
+    replayed = await bus.replay(session_id, after_seq) if after_seq is not None else None
+    if replayed is not None and after_seq is not None:
+        reach = replayed[-1].seq if replayed else after_seq
+        if reach < row.last_seq:
+            replayed = None
+    if after_seq is not None and replayed is not None:
+        last = after_seq
+        for old in replayed:
+            yield old
+            last = old.seq
+            if old.is_terminal:
                 return
+        if row.status.is_terminal and last >= row.last_seq:
+            return
+    else:
+        async for item in _snapshot(row):
+            yield item
+        if row.status.is_terminal:
+            return
+        last = row.last_seq
+
+    while True:
+        event = await subscriber.get(idle_timeout)
+        if event is not None and event.seq <= last:
+            continue
+        if event is None or event.seq > last + 1:
+            reason = "gap" if event is not None else ("lagging" if subscriber.lagging else "idle")
+            SUBSCRIBER_CATCH_UPS.labels(reason).inc()
+            async for item, seq in _catch_up(db, bus, subscriber, session_id, owner_id, last):
+                yield item
+                last = seq
+                if _is_end(item):
+                    return
+            continue
+        yield event
+        last = event.seq
+        if event.is_terminal:
+            return
 
 
 def _is_end(item: Snapshot | SessionEvent) -> bool:

@@ -1,0 +1,58 @@
+"""The cache on memory and Redis; Redis being down means misses, not errors."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from mora_graphql.cache import Cache, MemoryCache, RedisCache
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def cache(request: pytest.FixtureRequest) -> AsyncIterator[Cache]:
+    if request.param == "memory":
+        yield MemoryCache()
+        return
+    client = Redis.from_url(request.getfixturevalue("redis_url"))
+    yield RedisCache(client)
+    await client.aclose()
+
+
+async def test_get_set_add_delete_and_expiry(cache: Cache) -> None:
+    assert await cache.get("k") is None
+    await cache.set("k", "v1", ttl=60)
+    assert await cache.get("k") == "v1"
+    assert await cache.add("k", "v2", ttl=60) is False
+    assert await cache.get("k") == "v1"
+    await cache.delete("k")
+    assert await cache.add("k", "v3", ttl=1) is True
+    assert await cache.get("k") == "v3"
+    await asyncio.sleep(1.2)
+    assert await cache.get("k") is None
+
+
+async def test_redis_down_degrades_to_misses() -> None:
+    client = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    cache = RedisCache(client)
+    try:
+        await cache.set("k", "v", ttl=60)
+        assert await cache.get("k") is None
+        assert await cache.add("k", "v", ttl=60) is True
+        await cache.delete("k")
+    finally:
+        await client.aclose()
+
+
+def test_memory_cache_is_bounded() -> None:
+    cache = MemoryCache(max_entries=3)
+
+    async def fill() -> None:
+        for index in range(10):
+            await cache.set(f"k{index}", "v", ttl=60)
+        assert [await cache.get(f"k{i}") for i in range(7, 10)] == ["v", "v", "v"]
+        assert await cache.get("k0") is None
+
+    asyncio.run(fill())
