@@ -133,6 +133,40 @@ def db_rows(database: str, sql: str) -> list[Any]:
     return rows
 
 
+async def cancel_on_the_worker(apis: list[str], ws_url: str, token: str) -> None:
+    """cancelSession through one API aborts the job running on the remaining worker."""
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=apis[0], timeout=30, headers=headers) as http:
+        created = await http.post(
+            "/graphql",
+            json={
+                "query": "mutation($s: String!) { createSession(input: {videoUrl: \"https://youtu.be/dQw4w9WgXcQ\", subtitles: $s}) { id } }",
+                "variables": {"s": SRT},
+            },
+        )
+        session_id = created.json()["data"]["createSession"]["id"]
+        follower = asyncio.create_task(collect(ws_url, TRANSPORT_WS, token, PROGRESS, {"id": session_id}))
+        for _ in range(400):
+            read = await http.post(
+                "/graphql",
+                json={"query": "query($id: ID!) { session(id: $id) { status generatedCode } }", "variables": {"id": session_id}},
+            )
+            if read.json()["data"]["session"]["generatedCode"]:
+                break
+            await asyncio.sleep(0.02)
+        started = time.monotonic()
+        cancelled = await http.post(
+            "/graphql",
+            json={"query": "mutation($id: ID!) { cancelSession(id: $id) { status } }", "variables": {"id": session_id}},
+        )
+        took = time.monotonic() - started
+    assert cancelled.json()["data"]["cancelSession"]["status"] == "CANCELLED", cancelled.json()
+    events = await asyncio.wait_for(follower, 10)
+    assert events[-1]["__typename"] == "SessionCancelled"
+    print(f"cancel across processes took {took:.2f}s")
+    assert took < 1.5
+
+
 async def test_two_apis_two_workers_survive_a_sigkill(database: str, tmp_path: Path) -> None:
     fake = FakeOpenAI(api_key=OPENAI_TEST_KEY).start()
     fake.default = responder
@@ -147,6 +181,9 @@ async def test_two_apis_two_workers_survive_a_sigkill(database: str, tmp_path: P
         "DEEPSEEK_API_KEY": OPENAI_TEST_KEY,
         "DEEPSEEK_RETRY_BASE_DELAY": "0.05",
         "JOB_CONCURRENCY": "4",
+        # Every session uses the same subtitles: with the result cache on they would share
+        # one LLM run (issue 5) and finish before the kill this test needs.
+        "ENABLE_CACHE": "false",
         "WORKER_HEARTBEAT_INTERVAL": "1",
         "STALLED_JOB_TIMEOUT": "4",
         "RECONCILE_INTERVAL": "3",
@@ -245,11 +282,14 @@ async def test_two_apis_two_workers_survive_a_sigkill(database: str, tmp_path: P
                     assert "CodeReset" in names, (sid, names)
         print(f"recovered {len(victims)} sessions of the killed worker in {recovery:.1f}s")
         assert recovery < 60, recovery
+        await cancel_on_the_worker(apis, ws_url, token)
         unfinished = db_rows(database, "SELECT id, status FROM sessions WHERE status IN ('CREATED', 'PROCESSING')")
         assert unfinished == []
         cluster.stop()
         exit_codes = {name: p.returncode for name, p in cluster.processes.items() if name != "worker0"}
-        assert exit_codes == {"api0": 0, "api1": 0, "worker1": 0}, cluster.dump()
+        # uvicorn re-raises SIGTERM after its graceful shutdown, hence -15 for the APIs.
+        assert exit_codes["worker1"] == 0, cluster.dump()
+        assert {exit_codes["api0"], exit_codes["api1"]} <= {0, -signal.SIGTERM}, exit_codes
     except BaseException:
         print(cluster.dump())
         raise
