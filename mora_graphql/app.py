@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -10,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
@@ -37,8 +39,20 @@ from mora_graphql.events.bus import EventBus, MemoryEventBus
 from mora_graphql.events.redis_bus import RedisEventBus
 from mora_graphql.graphql.context import Context
 from mora_graphql.graphql.schema import build_schema
+from mora_graphql.graphql.websocket import (
+    LegacyWSHandler,
+    LimitedWebSocketAdapter,
+    TransportWSHandler,
+)
 from mora_graphql.jobs.base import JobQueue
-from mora_graphql.logging import configure_logging
+from mora_graphql.logging import configure_logging, register_secrets, settings_secrets
+from mora_graphql.ratelimit import RateLimiter
+from mora_graphql.security import (
+    BodySizeLimitMiddleware,
+    IPRateLimitMiddleware,
+    SecurityHeadersMiddleware,
+    ide_csp,
+)
 
 log = structlog.get_logger("mora")
 REQUESTS = Counter("mora_http_requests_total", "HTTP requests", ["method", "status"])
@@ -56,8 +70,13 @@ class Services:
     http: httpx.AsyncClient
     cache: Cache
     extras: dict[str, Any] = field(default_factory=dict)
+    limiter: RateLimiter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.limiter = RateLimiter(self.settings)
 
     async def aclose(self) -> None:
+        await self.limiter.aclose()
         await self.queue.stop()
         runner = self.extras.get("runner")
         if runner is not None:
@@ -138,9 +157,29 @@ def _redis_probe(redis: Redis) -> Callable[[], Awaitable[bool]]:
 
 
 class MoraGraphQL(GraphQL[Context, None]):
-    def __init__(self, services_ref: Callable[[], Services], **kwargs: Any) -> None:
+    websocket_adapter_class = LimitedWebSocketAdapter
+    graphql_transport_ws_handler_class = TransportWSHandler
+    graphql_ws_handler_class = LegacyWSHandler
+
+    def __init__(
+        self, services_ref: Callable[[], Services], *, max_ws_message_bytes: int = 0, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self._services = services_ref
+        self.max_ws_message_bytes = max_ws_message_bytes
+
+    def decode_json(self, data: str | bytes) -> object:
+        """Undecodable or too deeply nested JSON is a malformed request (400), not a 500."""
+        try:
+            return super().decode_json(data)
+        except (RecursionError, UnicodeDecodeError) as exc:
+            raise json.JSONDecodeError("The body is not valid JSON", "", 0) from exc
+
+    def parse_json(self, data: str | bytes) -> dict[str, object] | list[object]:
+        parsed = super().parse_json(data)
+        if not isinstance(parsed, dict | list):
+            raise json.JSONDecodeError("The body must be a JSON object", "", 0)
+        return parsed
 
     async def get_context(
         self, request: Request | WebSocket, response: Response | WebSocket
@@ -194,6 +233,7 @@ class RequestIdMiddleware:
 def create_app(settings: Settings | None = None, *, services: Services | None = None) -> Starlette:
     settings = settings or get_settings()
     configure_logging(settings.log_level, json=settings.json_logs)
+    register_secrets(settings_secrets(settings))
     holder: dict[str, Services] = {}
     if services is not None:
         holder["services"] = services
@@ -224,6 +264,9 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         graphql_ide="graphiql" if settings.graphiql_enabled else None,
         allow_queries_via_get=False,
         allowed_origins=settings.cors_origins,
+        connection_init_wait_timeout=dt.timedelta(seconds=settings.ws_connection_init_timeout),
+        max_subscriptions_per_connection=settings.max_subscriptions_per_connection,
+        max_ws_message_bytes=settings.max_ws_message_bytes,
     )
 
     async def health(_request: Request) -> Response:
@@ -255,7 +298,14 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     async def metrics(_request: Request) -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    middleware = [Middleware(RequestIdMiddleware)]
+    middleware = [
+        Middleware(RequestIdMiddleware),
+        Middleware(
+            SecurityHeadersMiddleware,
+            ide_policy=ide_csp(graphql_app.graphql_ide_html) if settings.graphiql_enabled else None,
+            hsts=settings.is_production,
+        ),
+    ]
     if settings.cors_origins:
         middleware.append(
             Middleware(
@@ -265,6 +315,14 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
                 allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
             )
         )
+    middleware += [
+        Middleware(
+            IPRateLimitMiddleware,
+            limiter=lambda: holder["services"].limiter if "services" in holder else None,
+            limit=settings.rate_limit_per_ip,
+        ),
+        Middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes),
+    ]
     app = Starlette(
         routes=[
             Route("/graphql", graphql_app, methods=["GET", "POST"]),

@@ -38,7 +38,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         log_level=settings.log_level.lower(),
         proxy_headers=True,
         forwarded_allow_ips=settings.forwarded_allow_ips,
-        ws_max_size=1_048_576,
+        ws_max_size=settings.max_ws_message_bytes,
     )
 
 
@@ -58,7 +58,7 @@ def cmd_migrate(args: argparse.Namespace) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    from mora_graphql.logging import configure_logging
+    from mora_graphql.logging import configure_logging, register_secrets, settings_secrets
     from mora_graphql.worker import run_worker
 
     settings = _settings_or_exit()
@@ -71,6 +71,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
     if args.concurrency:
         settings = settings.model_copy(update={"job_concurrency": args.concurrency})
     configure_logging(settings.log_level, json=settings.json_logs)
+    register_secrets(settings_secrets(settings))
     asyncio.run(run_worker(settings))
 
 

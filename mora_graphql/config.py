@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///./mora.db"
+SUBTITLE_PROVIDER_NAMES = frozenset({"bibigpt", "youtube", "ytdlp"})
 
 
 class SettingsError(RuntimeError):
@@ -39,6 +40,17 @@ class Settings(BaseSettings):
     bibigpt_api_url: str = "https://api.bibigpt.co/api"
     bibigpt_timeout: float = 60.0
 
+    subtitle_providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["bibigpt", "youtube", "ytdlp"]
+    )
+    subtitle_languages: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["en", "zh-Hans", "zh-CN", "zh", "zh-Hant", "zh-TW"]
+    )
+    subtitle_proxy_url: str | None = None
+    subtitle_timeout: float = 30.0
+    subtitle_threads: int = 4
+    ytdlp_cookies_file: str | None = None
+
     deepseek_api_key: SecretStr | None = None
     deepseek_api_url: str = "https://api.deepseek.com"
     deepseek_model: str = "deepseek-v4-flash"
@@ -52,6 +64,7 @@ class Settings(BaseSettings):
     enable_cache: bool = True
     cache_ttl: int = 86_400
     video_cache_ttl: int = 7 * 86_400
+    no_subtitle_cache_ttl: int = 600
     max_video_duration: int = 7_200
     max_requests_per_minute: int = 10
     max_subtitles_bytes: int = 2_000_000
@@ -70,7 +83,7 @@ class Settings(BaseSettings):
     rate_limit_enabled: bool = True
     rate_limit_storage_url: str | None = None
     rate_limit_key_prefix: str = "mora"
-    rate_limit_per_ip: str = "300/minute"
+    rate_limit_per_ip: str = "600/minute"
     login_rate_limit_per_ip: str = "30/minute"
     login_rate_limit_per_account: str = "10/15 minutes"
     register_rate_limit_per_ip: str = "10/hour"
@@ -82,7 +95,7 @@ class Settings(BaseSettings):
     graphql_max_aliases: int = 15
     graphql_max_tokens: int = 1_000
     graphql_max_directives: int = 50
-    graphql_max_document_bytes: int = 32_768
+    graphql_max_document_length: int = 32_768
     graphql_introspection: bool | None = None
     graphql_field_suggestions: bool | None = None
     max_request_bytes: int = 4 * 1_048_576
@@ -105,6 +118,25 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("subtitle_providers", "subtitle_languages", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("subtitle_providers")
+    @classmethod
+    def _known_providers(cls, value: list[str]) -> list[str]:
+        names = [name.lower() for name in value]
+        unknown = sorted(set(names) - SUBTITLE_PROVIDER_NAMES)
+        if unknown:
+            raise ValueError(
+                f"unknown subtitle provider(s) {', '.join(unknown)}; "
+                f"use {', '.join(sorted(SUBTITLE_PROVIDER_NAMES))}"
+            )
+        return list(dict.fromkeys(names))
 
     @field_validator(
         "rate_limit_per_ip",

@@ -127,6 +127,7 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
         "bibigpt_api_key": None,
         "checkpoint_interval": 0.05,
         "log_level": "WARNING",
+        "rate_limit_per_ip": "100000/minute",
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -36,7 +36,11 @@ async def connect(
     url: str, protocol: str, *, token: str | None = None, payload: dict[str, Any] | None = None
 ) -> AsyncIterator[ClientConnection]:
     async with websockets.connect(url, subprotocols=[protocol], max_size=None) as ws:  # type: ignore[list-item]
-        init = payload if payload is not None else ({"Authorization": f"Bearer {token}"} if token else {})
+        init = (
+            payload
+            if payload is not None
+            else ({"Authorization": f"Bearer {token}"} if token else {})
+        )
         await ws.send(json.dumps({"type": "connection_init", "payload": init}))
         while True:
             message = json.loads(await ws.recv())
@@ -58,7 +62,9 @@ async def subscribe(
     """Yield each result's `data`; raise SubscriptionError on an error; stop on complete."""
     kind = "subscribe" if protocol == TRANSPORT_WS else "start"
     await ws.send(
-        json.dumps({"id": op_id, "type": kind, "payload": {"query": query, "variables": variables or {}}})
+        json.dumps(
+            {"id": op_id, "type": kind, "payload": {"query": query, "variables": variables or {}}}
+        )
     )
     data_type = "next" if protocol == TRANSPORT_WS else "data"
     while True:

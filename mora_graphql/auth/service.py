@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
+import uuid
 from dataclasses import dataclass
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mora_graphql.auth.passwords import hash_password, verify_password
-from mora_graphql.auth.repository import UserRepository
-from mora_graphql.auth.tokens import Principal, issue_access_token
+from mora_graphql.auth.repository import RefreshTokenRepository, UserRepository
+from mora_graphql.auth.tokens import (
+    Principal,
+    hash_refresh_token,
+    issue_access_token,
+    new_refresh_token,
+)
 from mora_graphql.config import Settings
+from mora_graphql.db import utcnow
 from mora_graphql.errors import BadUserInput, Conflict, Unauthenticated
 from mora_graphql.models import Role, User
 
@@ -25,6 +33,8 @@ class AuthResult:
     user: User
     access_token: str
     expires_in: int
+    refresh_token: str
+    refresh_expires_in: int
 
 
 def normalize_email(email: str) -> str:
@@ -45,6 +55,7 @@ def check_password(password: str) -> None:
 class AuthService:
     def __init__(self, session: AsyncSession, settings: Settings) -> None:
         self.users = UserRepository(session)
+        self.refresh_tokens = RefreshTokenRepository(session)
         self.session = session
         self.settings = settings
 
@@ -58,7 +69,7 @@ class AuthService:
                 user = await self.users.add(address, hash_password(password), role)
         except IntegrityError as exc:
             raise Conflict("An account with this email already exists.") from exc
-        return self._result(user)
+        return await self._result(user)
 
     async def login(self, email: str, password: str) -> AuthResult:
         try:
@@ -70,11 +81,46 @@ class AuthService:
             raise Unauthenticated("Invalid email or password.")
         if not verify_password(password, user.password_hash if user else None) or user is None:
             raise Unauthenticated("Invalid email or password.")
-        return self._result(user)
+        return await self._result(user)
+
+    async def refresh(self, token: str) -> AuthResult | Unauthenticated:
+        """Rotate a refresh token. Presenting a used one revokes its whole family.
+
+        A failure is returned, not raised: the caller commits (so a revocation sticks), then
+        raises it.
+        """
+        now = utcnow()
+        row = await self.refresh_tokens.by_hash(hash_refresh_token(token))
+        if row is None or row.revoked_at is not None:
+            return Unauthenticated("The refresh token is invalid.")
+        if row.used_at is not None or not await self.refresh_tokens.mark_used(row.id, now):
+            await self.refresh_tokens.revoke_family(row.family_id, now)
+            return Unauthenticated("The refresh token was already used; sign in again.")
+        if row.expires_at <= now:
+            return Unauthenticated("The refresh token has expired; sign in again.")
+        user = await self.users.get(row.user_id)
+        if user is None:
+            return Unauthenticated("The refresh token is invalid.")
+        return await self._result(user, family_id=row.family_id)
+
+    async def logout(self, token: str) -> bool:
+        """Revoke the token's family (this sign-in on every device that shares it)."""
+        row = await self.refresh_tokens.by_hash(hash_refresh_token(token))
+        if row is None:
+            return False
+        return await self.refresh_tokens.revoke_family(row.family_id, utcnow()) > 0
 
     async def current_user(self, principal: Principal) -> User | None:
         return await self.users.get(principal.user_id)
 
-    def _result(self, user: User) -> AuthResult:
+    async def _result(self, user: User, family_id: uuid.UUID | None = None) -> AuthResult:
         token, ttl = issue_access_token(self.settings, user.id, user.role)
-        return AuthResult(user, token, ttl)
+        refresh = new_refresh_token()
+        refresh_ttl = self.settings.refresh_token_ttl
+        await self.refresh_tokens.add(
+            user.id,
+            family_id or uuid.uuid4(),
+            hash_refresh_token(refresh),
+            utcnow() + dt.timedelta(seconds=refresh_ttl),
+        )
+        return AuthResult(user, token, ttl, refresh, refresh_ttl)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import secrets
 import uuid
 from dataclasses import dataclass
 
@@ -14,6 +16,7 @@ from mora_graphql.models import Role
 
 ALGORITHM = "HS256"
 ACCESS = "access"
+REFRESH_PREFIX = "mrt_"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,15 @@ def decode_access_token(settings: Settings, token: str) -> Principal:
     except ValueError as exc:
         raise Unauthenticated("The access token is invalid.") from exc
     return Principal(user_id, role, dt.datetime.fromtimestamp(claims["exp"], dt.UTC))
+
+
+def new_refresh_token() -> str:
+    """An opaque refresh token; only its hash is stored."""
+    return REFRESH_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_refresh_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def bearer_token(header: str | None) -> str | None:

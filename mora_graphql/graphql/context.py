@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,8 @@ class Context:
             raise Unauthenticated(
                 "Authentication is required: send 'Authorization: Bearer <token>'."
             )
+        if principal.expires_at <= dt.datetime.now(dt.UTC):
+            raise Unauthenticated("The access token has expired.")
         return principal
 
     @property

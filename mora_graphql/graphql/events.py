@@ -14,6 +14,7 @@ from mora_graphql.events.types import EventKind
 from mora_graphql.events.types import SessionEvent as DomainEvent
 from mora_graphql.graphql.context import Info
 from mora_graphql.graphql.types import Session, SessionError, Timeline
+from mora_graphql.logging import redact
 from mora_graphql.models import PipelineStage, SessionStatus
 from mora_graphql.sessions.repository import SessionRepository
 
@@ -129,7 +130,7 @@ def to_graphql(item: Snapshot | DomainEvent) -> SessionEvent:
             data = item.data() or {}
             code = ErrorCode[data.get("code") or "INTERNAL_ERROR"]
             error = SessionError(
-                code=code, numeric_code=code.numeric, message=data.get("message") or ""
+                code=code, numeric_code=code.numeric, message=redact(data.get("message") or "")
             )
             return SessionFailed(error=error, **common)
         case EventKind.CANCELLED:

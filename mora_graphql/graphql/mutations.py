@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import hashlib
+
 import strawberry
 
 from mora_graphql.auth.service import AuthResult, AuthService
 from mora_graphql.db import transaction
+from mora_graphql.errors import Forbidden
 from mora_graphql.graphql.context import Info
 from mora_graphql.graphql.types import AuthPayload, CreateSessionInput, Session, user_type
 from mora_graphql.sessions.service import SessionService
@@ -14,7 +17,21 @@ def _auth_payload(result: AuthResult) -> AuthPayload:
         access_token=result.access_token,
         token_type="Bearer",  # noqa: S106
         expires_in=result.expires_in,
+        refresh_token=result.refresh_token,
+        refresh_expires_in=result.refresh_expires_in,
         user=user_type(result.user),
+    )
+
+
+def _account_key(email: str) -> str:
+    return hashlib.sha256(email.strip().lower()[:320].encode("utf-8", "replace")).hexdigest()
+
+
+async def _limit_pipeline_runs(info: Info) -> None:
+    user = info.context.require_user()
+    settings = info.context.services.settings
+    await info.context.services.limiter.hit(
+        f"{settings.max_requests_per_minute}/minute", "pipeline-runs", str(user.user_id)
     )
 
 
@@ -22,18 +39,55 @@ def _auth_payload(result: AuthResult) -> AuthPayload:
 class Mutation:
     @strawberry.mutation
     async def register(self, info: Info, email: str, password: str) -> AuthPayload:
+        settings = info.context.services.settings
+        if not settings.registration_enabled:
+            raise Forbidden("Registration is disabled on this server.")
+        limiter = info.context.services.limiter
+        await limiter.hit(
+            settings.register_rate_limit_per_ip, "register-ip", info.context.client_ip
+        )
+        await limiter.hit(
+            settings.register_rate_limit_per_account, "register-account", _account_key(email)
+        )
         async with transaction(info.context.services.db) as db:
             result = await AuthService(db, info.context.services.settings).register(email, password)
         return _auth_payload(result)
 
     @strawberry.mutation
     async def login(self, info: Info, email: str, password: str) -> AuthPayload:
-        async with info.context.services.db() as db:
-            result = await AuthService(db, info.context.services.settings).login(email, password)
+        settings = info.context.services.settings
+        limiter = info.context.services.limiter
+        account = _account_key(email)
+        await limiter.hit(settings.login_rate_limit_per_ip, "login-ip", info.context.client_ip)
+        await limiter.hit(settings.login_rate_limit_per_account, "login-account", account)
+        async with transaction(info.context.services.db) as db:
+            result = await AuthService(db, settings).login(email, password)
+        await limiter.clear(settings.login_rate_limit_per_account, "login-account", account)
         return _auth_payload(result)
+
+    @strawberry.mutation(
+        description=(
+            "Exchange a refresh token for a new access token and refresh token. Each refresh "
+            "token works once; presenting a used one revokes every token of that sign-in."
+        )
+    )
+    async def refresh_token(self, info: Info, refresh_token: str) -> AuthPayload:
+        async with transaction(info.context.services.db) as db:
+            outcome = await AuthService(db, info.context.services.settings).refresh(refresh_token)
+        if not isinstance(outcome, AuthResult):
+            raise outcome
+        return _auth_payload(outcome)
+
+    @strawberry.mutation(
+        description="Revoke the refresh token and every token rotated from the same sign-in."
+    )
+    async def logout(self, info: Info, refresh_token: str) -> bool:
+        async with transaction(info.context.services.db) as db:
+            return await AuthService(db, info.context.services.settings).logout(refresh_token)
 
     @strawberry.mutation(description="Validate the video URL and start processing it.")
     async def create_session(self, info: Info, input: CreateSessionInput) -> Session:
+        await _limit_pipeline_runs(info)
         service = SessionService(info.context.services, info.context.require_user())
         row = await service.create(
             video_url=input.video_url,
@@ -50,6 +104,7 @@ class Mutation:
 
     @strawberry.mutation(description="Run a session that ended in ERROR or CANCELLED again.")
     async def retry_session(self, info: Info, id: strawberry.ID) -> Session:
+        await _limit_pipeline_runs(info)
         service = SessionService(info.context.services, info.context.require_user())
         return Session(row=await service.retry(id))
 

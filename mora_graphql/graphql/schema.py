@@ -6,39 +6,68 @@ from collections.abc import Iterator
 
 import strawberry
 import structlog
-from graphql import GraphQLError
-from strawberry.extensions import MaskErrors, ParserCache, ValidationCache
+from graphql import GraphQLError, GraphQLSyntaxError
+from strawberry.exceptions import MissingQueryError
+from strawberry.extensions import MaskErrors, ValidationCache
 from strawberry.schema.config import StrawberryConfig
+from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOperationTypeError
+from strawberry.types import ExecutionContext
 
 from mora_graphql.config import Settings
 from mora_graphql.errors import MoraError
 from mora_graphql.graphql.events import EVENT_TYPES
+from mora_graphql.graphql.limits import (
+    CACHE_SIZE,
+    CachedParser,
+    QueryLimits,
+    parse_error_code,
+    strip_suggestions,
+)
 from mora_graphql.graphql.mutations import Mutation
 from mora_graphql.graphql.queries import Query
 from mora_graphql.graphql.subscriptions import Subscription
+from mora_graphql.logging import redact
 
 log = structlog.get_logger("mora.graphql")
+
+
+CLIENT_ERRORS: dict[type[Exception], str] = {
+    MissingQueryError: "GRAPHQL_VALIDATION_FAILED",
+    CannotGetOperationTypeError: "GRAPHQL_VALIDATION_FAILED",
+    InvalidOperationTypeError: "OPERATION_NOT_ALLOWED",
+}
 
 
 def is_expected(error: GraphQLError) -> bool:
     """Client errors (syntax, validation, our MoraErrors) are shown; everything else is masked."""
     original = error.original_error
-    return original is None or isinstance(original, MoraError)
+    return original is None or isinstance(original, (MoraError, GraphQLError, *CLIENT_ERRORS))
+
+
+def client_error_code(error: GraphQLError) -> str:
+    if isinstance(error, GraphQLSyntaxError):
+        return parse_error_code(error)
+    original = error.original_error
+    if original is not None and type(original) in CLIENT_ERRORS:
+        return CLIENT_ERRORS[type(original)]
+    return "GRAPHQL_VALIDATION_FAILED"
 
 
 class MaskUnexpectedErrors(MaskErrors):
-    def __init__(self) -> None:
-        super().__init__(should_mask_error=self._mask, error_message="Internal server error.")
+    """Shows client errors with their codes (secrets redacted); masks everything else."""
 
-    @staticmethod
-    def _mask(error: GraphQLError) -> bool:
+    def __init__(self, *, suggestions: bool = True) -> None:
+        super().__init__(should_mask_error=self._mask, error_message="Internal server error.")
+        self.suggestions = suggestions
+
+    def _mask(self, error: GraphQLError) -> bool:
         if is_expected(error):
-            if (
-                error.original_error is None
-                and error.extensions is not None
-                and "code" not in error.extensions
-            ):
-                error.extensions["code"] = "GRAPHQL_VALIDATION_FAILED"
+            if error.extensions is None:
+                error.extensions = {}
+            if "code" not in error.extensions:
+                error.extensions["code"] = client_error_code(error)
+            message = error.message if self.suggestions else strip_suggestions(error.message)
+            error.message = redact(message)
             return False
         log.error("unexpected error", path=error.path, exc_info=error.original_error)
         return True
@@ -52,16 +81,27 @@ class MaskUnexpectedErrors(MaskErrors):
         yield from super().on_operation()
 
 
+class MoraSchema(strawberry.Schema):
+    def process_errors(
+        self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
+    ) -> None:
+        """Client errors are not logged (they echo client input); MaskUnexpectedErrors logs
+        the unexpected ones."""
+
+
 def build_schema(settings: Settings) -> strawberry.Schema:
-    return strawberry.Schema(
+    limits = QueryLimits.from_settings(settings)
+    suggestions = settings.field_suggestions_enabled
+    return MoraSchema(
         query=Query,
         mutation=Mutation,
         subscription=Subscription,
         types=list(EVENT_TYPES),
         extensions=[
-            lambda: ParserCache(maxsize=1024),
-            lambda: ValidationCache(maxsize=1024),
-            MaskUnexpectedErrors,
+            limits.extension(),
+            CachedParser,
+            lambda: ValidationCache(maxsize=CACHE_SIZE),
+            lambda: MaskUnexpectedErrors(suggestions=suggestions),
         ],
-        config=StrawberryConfig(disable_field_suggestions=settings.is_production),
+        config=StrawberryConfig(disable_field_suggestions=not suggestions),
     )

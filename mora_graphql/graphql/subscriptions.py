@@ -36,5 +36,6 @@ class Subscription:
             owner_id=None if principal.is_admin else principal.user_id,
             after_seq=after_seq,
         )
-        async for item in stream:
-            yield to_graphql(item)
+        async with services.limiter.subscription_slot(principal.user_id):
+            async for item in stream:
+                yield to_graphql(item)

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import strawberry
 
 from mora_graphql.errors import ErrorCode
+from mora_graphql.logging import redact
 from mora_graphql.models import PipelineStage, Platform, Role, SessionStatus, VideoSession
 
 strawberry.enum(SessionStatus, name="SessionStatus")
@@ -69,6 +70,22 @@ class Timeline:
         )
 
 
+@strawberry.type(description="The syntax check of the generated code (Python: ast.parse).")
+class CodeCheck:
+    ok: bool
+    language: str
+    error: str | None = strawberry.field(description="The remaining error when ok is false.")
+    line: int | None = strawberry.field(description="1-based line of the error, when known.")
+
+
+@strawberry.type(description="What the session cost in LLM usage.")
+class SessionUsage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = strawberry.field(description="Prompt tokens served from the LLM's cache.")
+    llm_calls: int = strawberry.field(description="LLM calls that completed.")
+
+
 @strawberry.type
 class SessionError:
     code: ErrorCode
@@ -95,6 +112,12 @@ class AuthPayload:
     access_token: str
     token_type: str
     expires_in: int = strawberry.field(description="Seconds until the access token expires.")
+    refresh_token: str = strawberry.field(
+        description="Opaque, single use: exchange it with `refreshToken` for a new pair."
+    )
+    refresh_expires_in: int = strawberry.field(
+        description="Seconds until the refresh token expires."
+    )
     user: User
 
 
@@ -169,12 +192,36 @@ class Session:
             return None
         code = ErrorCode[self.row.error_code]
         return SessionError(
-            code=code, numeric_code=code.numeric, message=self.row.error_message or ""
+            code=code, numeric_code=code.numeric, message=redact(self.row.error_message or "")
         )
 
     @strawberry.field
     def from_cache(self) -> bool:
         return self.row.from_cache
+
+    @strawberry.field
+    def code_check(self) -> CodeCheck | None:
+        check = self.row.code_check
+        if not check:
+            return None
+        return CodeCheck(
+            ok=bool(check.get("ok")),
+            language=str(check.get("language") or self.row.language),
+            error=check.get("error"),
+            line=check.get("line"),
+        )
+
+    @strawberry.field
+    def usage(self) -> SessionUsage | None:
+        usage = self.row.usage
+        if not usage:
+            return None
+        return SessionUsage(
+            prompt_tokens=int(usage.get("promptTokens") or 0),
+            completion_tokens=int(usage.get("completionTokens") or 0),
+            cached_tokens=int(usage.get("cachedTokens") or 0),
+            llm_calls=int(usage.get("llmCalls") or 0),
+        )
 
     @strawberry.field(description="Sequence number of the last event this state reflects.")
     def last_seq(self) -> int:

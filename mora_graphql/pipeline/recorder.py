@@ -71,6 +71,8 @@ class SessionRecorder:
                 progress=0.0,
                 generated_code=None,
                 timeline=None,
+                code_check=None,
+                usage=None,
                 error_code=None,
                 error_message=None,
                 completed_at=None,
@@ -194,7 +196,7 @@ class SessionRecorder:
             EventKind.COMPLETED, SessionStatus.COMPLETED, None, generated_code=self.code, **fields
         )
 
-    async def fail(self, code: ErrorCode, message: str) -> bool:
+    async def fail(self, code: ErrorCode, message: str, **fields: Any) -> bool:
         payload = json.dumps({"code": code.name, "message": message})
         return await self._finish(
             EventKind.FAILED,
@@ -203,11 +205,16 @@ class SessionRecorder:
             generated_code=self.code or None,
             error_code=code.name,
             error_message=message,
+            **fields,
         )
 
-    async def cancelled(self) -> bool:
+    async def cancelled(self, **fields: Any) -> bool:
         return await self._finish(
-            EventKind.CANCELLED, SessionStatus.CANCELLED, None, generated_code=self.code or None
+            EventKind.CANCELLED,
+            SessionStatus.CANCELLED,
+            None,
+            generated_code=self.code or None,
+            **fields,
         )
 
 

@@ -25,6 +25,8 @@ WINDOWS_PER_BLOCK = 3
 PRIOR_WEIGHT = 4.0
 """Weight of the proportional-position prior against identifier matches in the alignment."""
 MAX_RAW_CHARS = 200_000
+SPAN_TOLERANCE = 0.1
+"""A model timeline must start, and end, within this share of the video's edges."""
 
 
 @dataclass(frozen=True)
@@ -872,3 +874,33 @@ def fix_line_ranges(
                 first, last = block.first + 1, block.last + 1
         fixed.append(replace(seg, start_line=first, end_line=last))
     return fixed
+
+
+def timeline_spans(segments: Sequence[TimelineSegment], duration: float) -> bool:
+    """The segments reach from the start to the end of the video (within SPAN_TOLERANCE)."""
+    if not segments or not (math.isfinite(duration) and duration > 0):
+        return False
+    slack = SPAN_TOLERANCE * duration
+    return segments[0].start_time <= slack and segments[-1].end_time >= duration - slack
+
+
+def final_timeline(
+    items: list[dict[str, Any]] | None,
+    *,
+    code: str,
+    duration: float,
+    transcript: Sequence[SubtitleLine],
+) -> tuple[list[TimelineSegment], str]:
+    """The stored timeline and its source ("MODEL" or "ALIGNED").
+
+    The model's items are repaired and their line ranges checked against what is said
+    (`fix_line_ranges`); a model timeline that does not span the whole video (a long
+    course timed only for its first minutes) is replaced by the deterministic alignment,
+    which always covers [0, duration].
+    """
+    if items:
+        repaired = repair_timeline(items, code=code, duration=duration, transcript=transcript)
+        segments = fix_line_ranges(repaired, transcript, code)
+        if timeline_spans(segments, _effective_duration(duration, transcript)):
+            return segments, "MODEL"
+    return align_timeline(transcript, code, duration), "ALIGNED"

@@ -170,3 +170,36 @@ def chunk_transcript(
         while nxt < stop and sum(costs[nxt : stop + 1]) > budget:
             nxt += 1
         first = nxt
+
+
+WINDOW_LINE_TOKENS = 48
+"""Tokens per window line when a transcript is squeezed into a budget (see `fit_lines`)."""
+
+
+def fit_lines(lines: Sequence[SubtitleLine], budget_tokens: int) -> list[str]:
+    """The compact transcript when it fits `budget_tokens`, else time windows covering the
+    whole video evenly: consecutive compact lines are grouped into windows, each rendered as
+    `[start] text` with its text cut to the same share of the budget.
+
+    Used for calls that need the whole video at once (the timeline), so that the last
+    hour of a long course is never dropped.
+    """
+    items = _compact(lines)
+    rendered = [item.render() for item in items]
+    budget = max(budget_tokens, WINDOW_LINE_TOKENS)
+    if estimate_tokens("\n".join(rendered)) <= budget:
+        return rendered
+    windows = max(1, min(len(items), budget // WINDOW_LINE_TOKENS))
+    size = len(items) / windows
+    share = max(budget // windows - 1, 8)
+    out: list[str] = []
+    for n in range(windows):
+        group = items[round(n * size) : round((n + 1) * size)]
+        if not group:
+            continue
+        text = group[0].text
+        for item in group[1:]:
+            text = _join(text, item.text)
+        head = f"[{format_timestamp(group[0].start)}] "
+        out.append(head + _truncate(text, max(share - estimate_tokens(head), 4)))
+    return out

@@ -1,12 +1,27 @@
-"""Video URL parsing: platform and canonical video id from every common link form."""
+"""Video URL parsing: platform and canonical video id from every common link form.
+
+Every form of one video gives the same `canonical_id` (`youtube:ID`, `bilibili:BV...`,
+`tiktok:ID`, `douyin:ID`), so caches keyed by it hit across forms. Short links
+(b23.tv, vm./vt.tiktok.com, tiktok.com/t/, v.douyin.com) only carry a code: they get a
+provisional id (`b23:CODE`, `tiktok-short:CODE`, `douyin-short:CODE`) and
+`resolve_short_link` follows their redirect to the canonical one.
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 
-from mora_graphql.errors import InvalidVideoUrl, UnsupportedPlatform
+import httpx
+
+from mora_graphql.errors import (
+    ErrorCode,
+    InvalidVideoUrl,
+    MoraError,
+    PipelineError,
+    UnsupportedPlatform,
+)
 from mora_graphql.models import Platform
 
 _YT_ID = re.compile(r"^[A-Za-z0-9_-]{11}$")
@@ -14,12 +29,27 @@ _BV_ID = re.compile(r"(BV1[A-Za-z0-9]{9})")
 _AV_ID = re.compile(r"^av(\d{1,16})$", re.IGNORECASE)
 _NUM_ID = re.compile(r"^\d{6,25}$")
 _SHORT_CODE = re.compile(r"^[A-Za-z0-9_-]{3,32}$")
+_TIKTOK_HTML_ID = re.compile(r"^(\d{6,25})(?:\.html)?$")
 
-_YOUTUBE_HOSTS = {"youtube.com", "m.youtube.com", "music.youtube.com", "youtube-nocookie.com"}
-_BILIBILI_HOSTS = {"bilibili.com", "m.bilibili.com"}
-_TIKTOK_HOSTS = {"tiktok.com", "m.tiktok.com"}
-_TIKTOK_SHORT = {"vm.tiktok.com", "vt.tiktok.com"}
-_DOUYIN_HOSTS = {"douyin.com", "m.douyin.com", "iesdouyin.com"}
+_YOUTUBE_HOSTS = frozenset(
+    {
+        "youtube.com",
+        "m.youtube.com",
+        "music.youtube.com",
+        "gaming.youtube.com",
+        "youtube-nocookie.com",
+    }
+)
+_BILIBILI_HOSTS = frozenset({"bilibili.com", "m.bilibili.com", "player.bilibili.com"})
+_TIKTOK_HOSTS = frozenset({"tiktok.com", "m.tiktok.com"})
+_TIKTOK_SHORT = frozenset({"vm.tiktok.com", "vt.tiktok.com"})
+_DOUYIN_HOSTS = frozenset({"douyin.com", "m.douyin.com", "iesdouyin.com"})
+SHORT_LINK_HOSTS = frozenset({"b23.tv", "v.douyin.com", *_TIKTOK_SHORT})
+PLATFORM_HOSTS = frozenset(
+    {*_YOUTUBE_HOSTS, "youtu.be", *_BILIBILI_HOSTS, *_TIKTOK_HOSTS, *_DOUYIN_HOSTS}
+    | SHORT_LINK_HOSTS
+)
+MAX_REDIRECTS = 5
 
 _AV_XOR = 23442827791579
 _AV_MAX = 1 << 51
@@ -32,6 +62,11 @@ class VideoRef:
     canonical_id: str
     url: str
     is_short_link: bool = False
+
+    @property
+    def native_id(self) -> str:
+        """The platform's own id: `dQw4w9WgXcQ` for `youtube:dQw4w9WgXcQ`."""
+        return self.canonical_id.split(":", 2)[1]
 
 
 def av_to_bv(aid: int) -> str:
@@ -49,8 +84,13 @@ def av_to_bv(aid: int) -> str:
 
 
 def _host(netloc: str) -> str:
-    host = netloc.lower().rsplit("@", 1)[-1].split(":", 1)[0]
+    host = netloc.lower().rsplit("@", 1)[-1].split(":", 1)[0].rstrip(".")
     return host.removeprefix("www.")
+
+
+def _first(query: dict[str, list[str]], key: str) -> str | None:
+    values = query.get(key)
+    return values[0] if values else None
 
 
 def _youtube(host: str, path: str, query: dict[str, list[str]]) -> str | None:
@@ -58,21 +98,16 @@ def _youtube(host: str, path: str, query: dict[str, list[str]]) -> str | None:
     if host == "youtu.be":
         return parts[0] if parts else None
     if not parts:
-        return None
-    if parts[0] == "watch":
-        return query.get("v", [None])[0]
+        return _first(query, "v")
+    if parts[0] in {"watch", "watch_popup"}:
+        return _first(query, "v") or (parts[1] if len(parts) > 1 else None)
     if parts[0] in {"shorts", "embed", "live", "v", "e"} and len(parts) > 1:
         return parts[1]
-    return None
-
-
-def _bilibili(host: str, path: str) -> str | None:
-    if host == "b23.tv":
-        code = path.strip("/")
-        return code or None
-    parts = [p for p in path.split("/") if p]
-    if len(parts) >= 2 and parts[0] == "video":
-        return parts[1]
+    if parts[0] == "attribution_link":
+        target = _first(query, "u")
+        if target:
+            inner = urlsplit(unquote(target))
+            return _first(parse_qs(inner.query), "v")
     return None
 
 
@@ -85,6 +120,84 @@ def _bilibili_id(raw: str) -> str | None:
     return None
 
 
+def _bilibili_url(bv: str) -> str:
+    return f"https://www.bilibili.com/video/{bv}"
+
+
+def _bilibili_ref(bv: str, page: str | None) -> VideoRef:
+    number = int(page) if page and page.isdigit() and len(page) <= 4 else 1
+    if number > 1:
+        return VideoRef(
+            Platform.BILIBILI, f"bilibili:{bv}:p{number}", f"{_bilibili_url(bv)}?p={number}"
+        )
+    return VideoRef(Platform.BILIBILI, f"bilibili:{bv}", _bilibili_url(bv))
+
+
+def _bilibili(host: str, path: str, query: dict[str, list[str]]) -> VideoRef:
+    parts = [p for p in path.split("/") if p]
+    raw: str | None = None
+    if host == "player.bilibili.com":
+        raw = _first(query, "bvid")
+        aid = _first(query, "aid")
+        if not raw and aid and aid.isdigit():
+            raw = f"av{aid}"
+        page = _first(query, "page") or _first(query, "p")
+    else:
+        if parts and parts[0] == "s":
+            parts = parts[1:]
+        if len(parts) >= 2 and parts[0] == "video":
+            raw = parts[1]
+        page = _first(query, "p")
+    bv = _bilibili_id(raw) if raw else None
+    if not bv:
+        raise InvalidVideoUrl("This Bilibili link does not name a video (BV or av id).")
+    return _bilibili_ref(bv, page)
+
+
+def _tiktok(parts: list[str]) -> VideoRef:
+    vid: str | None = None
+    user = ""
+    if len(parts) >= 3 and parts[0].startswith("@") and parts[1] == "video":
+        user, vid = parts[0][1:], parts[2]
+    elif len(parts) >= 3 and parts[:2] == ["embed", "v2"]:
+        vid = parts[2]
+    elif len(parts) >= 2 and parts[0] in {"embed", "v", "share"}:
+        match = _TIKTOK_HTML_ID.match(parts[-1])
+        vid = match.group(1) if match else None
+    if not vid or not _NUM_ID.fullmatch(vid):
+        raise InvalidVideoUrl("This TikTok link does not name a video.")
+    return VideoRef(Platform.TIKTOK, f"tiktok:{vid}", f"https://www.tiktok.com/@{user}/video/{vid}")
+
+
+def _douyin(parts: list[str], query: dict[str, list[str]]) -> VideoRef:
+    vid = _first(query, "modal_id") or _first(query, "vid")
+    if not vid and len(parts) >= 2 and parts[-2] in {"video", "note"}:
+        vid = parts[-1]
+    if vid and _NUM_ID.fullmatch(vid):
+        return VideoRef(Platform.DOUYIN, f"douyin:{vid}", f"https://www.douyin.com/video/{vid}")
+    raise InvalidVideoUrl("This Douyin link does not name a video.")
+
+
+def _short(host: str, parts: list[str]) -> VideoRef:
+    code = "/".join(parts)
+    if host == "b23.tv":
+        if not _SHORT_CODE.fullmatch(code):
+            raise InvalidVideoUrl("This b23.tv link is not valid.")
+        bv = _bilibili_id(code)
+        if bv:
+            return _bilibili_ref(bv, None)
+        return VideoRef(Platform.BILIBILI, f"b23:{code}", f"https://b23.tv/{code}", True)
+    if host == "v.douyin.com":
+        if not _SHORT_CODE.fullmatch(code):
+            raise InvalidVideoUrl("This Douyin short link is not valid.")
+        return VideoRef(
+            Platform.DOUYIN, f"douyin-short:{code}", f"https://v.douyin.com/{code}/", True
+        )
+    if not _SHORT_CODE.fullmatch(code):
+        raise InvalidVideoUrl("This TikTok short link is not valid.")
+    return VideoRef(Platform.TIKTOK, f"tiktok-short:{code}", f"https://{host}/{code}/", True)
+
+
 def parse_video_url(raw: str, *, max_length: int = 2048) -> VideoRef:
     """Return the platform and canonical id, or raise with a precise error code."""
     text = raw.strip()
@@ -94,19 +207,21 @@ def parse_video_url(raw: str, *, max_length: int = 2048) -> VideoRef:
         raise InvalidVideoUrl(f"videoUrl is longer than {max_length} characters.")
     bare = _bilibili_id(text)
     if bare:
-        return VideoRef(Platform.BILIBILI, f"bilibili:{bare}", _bilibili_url(bare))
+        return _bilibili_ref(bare, None)
     if "://" not in text and "." in text.split("/", 1)[0]:
         text = "https://" + text
     try:
         parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a malformed port
     except ValueError as exc:
         raise InvalidVideoUrl("videoUrl is not a valid URL.") from exc
-    if parts.scheme not in {"http", "https"} or not parts.netloc:
+    if parts.scheme.lower() not in {"http", "https"} or not parts.netloc:
         raise InvalidVideoUrl("videoUrl must be an http(s) link to a video.")
     if "@" in parts.netloc or any(ch.isspace() for ch in text):
         raise InvalidVideoUrl("videoUrl is not a valid URL.")
     host = _host(parts.netloc)
     query = parse_qs(parts.query)
+    segments = [p for p in parts.path.split("/") if p]
 
     if host in _YOUTUBE_HOSTS or host == "youtu.be":
         vid = _youtube(host, parts.path, query)
@@ -115,71 +230,71 @@ def parse_video_url(raw: str, *, max_length: int = 2048) -> VideoRef:
         return VideoRef(
             Platform.YOUTUBE, f"youtube:{vid}", f"https://www.youtube.com/watch?v={vid}"
         )
-
-    if host in _BILIBILI_HOSTS or host == "b23.tv":
-        code = _bilibili(host, parts.path)
-        if host == "b23.tv":
-            if not code or not _SHORT_CODE.fullmatch(code):
-                raise InvalidVideoUrl("This b23.tv link is not valid.")
-            bv = _bilibili_id(code)
-            if bv:
-                return VideoRef(Platform.BILIBILI, f"bilibili:{bv}", _bilibili_url(bv))
-            return VideoRef(Platform.BILIBILI, f"b23:{code}", f"https://b23.tv/{code}", True)
-        bv = _bilibili_id(code) if code else None
-        if not bv:
-            raise InvalidVideoUrl("This Bilibili link does not name a video (BV or av id).")
-        page = query.get("p", ["1"])[0]
-        suffix = f":p{page}" if page.isdigit() and int(page) > 1 else ""
-        url = _bilibili_url(bv) + (f"?p={page}" if suffix else "")
-        return VideoRef(Platform.BILIBILI, f"bilibili:{bv}{suffix}", url)
-
+    if host in SHORT_LINK_HOSTS:
+        return _short(host, segments)
+    if host in _BILIBILI_HOSTS:
+        return _bilibili(host, parts.path, query)
     if host in _TIKTOK_HOSTS:
-        segments = [p for p in parts.path.split("/") if p]
-        if len(segments) >= 3 and segments[0].startswith("@") and segments[1] == "video":
-            vid = segments[2]
-            if _NUM_ID.fullmatch(vid):
-                return VideoRef(
-                    Platform.TIKTOK,
-                    f"tiktok:{vid}",
-                    f"https://www.tiktok.com/{segments[0]}/video/{vid}",
-                )
-        if (
-            len(segments) >= 3
-            and segments[:2] == ["embed", "v2"]
-            and _NUM_ID.fullmatch(segments[2])
-        ):
-            vid = segments[2]
-            return VideoRef(
-                Platform.TIKTOK, f"tiktok:{vid}", f"https://www.tiktok.com/embed/v2/{vid}"
-            )
-        raise InvalidVideoUrl("This TikTok link does not name a video.")
-
-    if host in _TIKTOK_SHORT:
-        code = parts.path.strip("/")
-        if not _SHORT_CODE.fullmatch(code):
-            raise InvalidVideoUrl("This TikTok short link is not valid.")
-        return VideoRef(Platform.TIKTOK, f"tiktok-short:{code}", f"https://{host}/{code}/", True)
-
-    if host in _DOUYIN_HOSTS or host == "v.douyin.com":
-        if host == "v.douyin.com":
-            code = parts.path.strip("/")
-            if not _SHORT_CODE.fullmatch(code):
-                raise InvalidVideoUrl("This Douyin short link is not valid.")
-            return VideoRef(
-                Platform.DOUYIN, f"douyin-short:{code}", f"https://v.douyin.com/{code}/", True
-            )
-        segments = [p for p in parts.path.split("/") if p]
-        vid = query.get("modal_id", [None])[0]
-        if not vid and len(segments) >= 2 and segments[-2] in {"video", "note"}:
-            vid = segments[-1]
-        if vid and _NUM_ID.fullmatch(vid):
-            return VideoRef(Platform.DOUYIN, f"douyin:{vid}", f"https://www.douyin.com/video/{vid}")
-        raise InvalidVideoUrl("This Douyin link does not name a video.")
-
+        if len(segments) == 2 and segments[0] == "t":
+            return _short("vm.tiktok.com", segments[1:])
+        return _tiktok(segments)
+    if host in _DOUYIN_HOSTS:
+        return _douyin(segments, query)
     raise UnsupportedPlatform(
         f"Videos from {host} are not supported; use YouTube, Bilibili, TikTok or Douyin."
     )
 
 
-def _bilibili_url(bv: str) -> str:
-    return f"https://www.bilibili.com/video/{bv}"
+def _allowed(url: str, allowed_hosts: frozenset[str]) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in {"http", "https"} and _host(parts.netloc) in allowed_hosts
+
+
+async def resolve_short_link(
+    client: httpx.AsyncClient,
+    video: VideoRef,
+    *,
+    request_timeout: float,
+    start_url: str | None = None,
+    allowed_hosts: frozenset[str] = PLATFORM_HOSTS,
+) -> VideoRef:
+    """The canonical reference a short link redirects to.
+
+    Redirects are followed one hop at a time with HEAD (GET without reading the body
+    when HEAD is refused), only to the platforms' own hosts, and stop as soon as a
+    `Location` parses to a canonical id, so the video page itself is never fetched.
+    `start_url` replaces `video.url` as the first hop (tests point it at a local server).
+    """
+    if not video.is_short_link:
+        return video
+    url = start_url or video.url
+    hosts = allowed_hosts | {_host(urlsplit(url).netloc)}
+    try:
+        for _ in range(MAX_REDIRECTS):
+            if not _allowed(url, hosts):
+                break
+            response = await client.head(url, follow_redirects=False, timeout=request_timeout)
+            if response.status_code in {403, 404, 405, 501}:
+                async with client.stream(
+                    "GET", url, follow_redirects=False, timeout=request_timeout
+                ) as streamed:
+                    response = streamed
+            location = response.headers.get("location")
+            if not response.is_redirect or not location:
+                break
+            url = urljoin(url, location)
+            try:
+                ref = parse_video_url(url)
+            except MoraError:
+                continue
+            if not ref.is_short_link:
+                return ref
+    except httpx.HTTPError as exc:
+        raise PipelineError(
+            ErrorCode.BIBIGPT_API_ERROR,
+            f"Could not resolve the short link {video.url} ({type(exc).__name__}).",
+            retryable=True,
+        ) from exc
+    raise PipelineError(
+        ErrorCode.INVALID_VIDEO_URL, f"The short link {video.url} does not lead to a video."
+    )

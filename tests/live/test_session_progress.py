@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from typing import Any
 
 import pytest
@@ -434,3 +435,91 @@ async def test_bad_connection_token_is_rejected(live: LiveServer) -> None:
     with pytest.raises(Exception):  # noqa: B017, PT011
         async with connect(live.ws_url, TRANSPORT_WS, token="garbage"):
             pass
+
+
+async def test_join_mid_stream_sees_snapshot_then_the_rest(
+    live: LiveServer, openai_server: FakeOpenAI
+) -> None:
+    openai_server.enqueue(code_stream(delay=0.05), JSON(json.dumps(TIMELINE)))
+    token = await live.register()
+    session_id = await start(live, token, subtitles=SRT)
+    for _ in range(200):
+        session = (await live.gql(GET, {"id": session_id}, token))["data"]["session"]
+        if session["generatedCode"]:
+            break
+        await asyncio.sleep(0.02)
+    events = await asyncio.wait_for(
+        collect(live.ws_url, TRANSPORT_WS, token, PROGRESS, {"id": session_id}), 20
+    )
+    assert_sequence(events)
+    assert events[0]["session"]["generatedCode"], "joined before any code was checkpointed"
+    final = await wait_terminal(live, token, session_id)
+    assert rebuild_code(events) == final["generatedCode"]
+
+
+async def test_unfinished_sessions_resume_on_start(
+    clean_db: str, settings_overrides: dict[str, Any], openai_server: FakeOpenAI
+) -> None:
+    from tests.conftest import make_settings, start_server
+
+    openai_server.default = lambda body: (
+        JSON(json.dumps(TIMELINE)) if body.get("response_format") else code_stream()
+    )
+    settings = make_settings(clean_db, **settings_overrides)
+    async for live in start_server(settings):
+        token = await live.register()
+        ids = [await start(live, token, subtitles=SRT) for _ in range(2)]
+        for session_id in ids:
+            await wait_terminal(live, token, session_id)
+    from sqlalchemy import text, update
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from mora_graphql.models import PipelineStage, SessionStatus, VideoSession
+
+    engine = create_async_engine(clean_db)
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(VideoSession)
+            .where(VideoSession.id == uuid.UUID(ids[0]))
+            .values(
+                status=SessionStatus.PROCESSING,
+                stage=PipelineStage.GENERATING_CODE,
+                generated_code="partial",
+            )
+        )
+        await conn.execute(
+            update(VideoSession)
+            .where(VideoSession.id == uuid.UUID(ids[1]))
+            .values(status=SessionStatus.CREATED)
+        )
+        assert (
+            await conn.execute(
+                text("SELECT count(*) FROM sessions WHERE status IN ('CREATED', 'PROCESSING')")
+            )
+        ).scalar() == 2
+    await engine.dispose()
+    async for _live in start_server(settings):
+        for session_id in ids:
+            row = await _row(clean_db, session_id)
+            for _ in range(200):
+                if row["status"] == "COMPLETED":
+                    break
+                await asyncio.sleep(0.05)
+                row = await _row(clean_db, session_id)
+            assert row["status"] == "COMPLETED"
+            assert row["generated_code"].strip() == CODE.strip()
+
+
+async def _row(url: str, session_id: str) -> dict[str, Any]:
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(url)
+    async with engine.connect() as conn:
+        result = await conn.execute(
+            text("SELECT status, generated_code FROM sessions WHERE id = :id"),
+            {"id": session_id if url.startswith("postgres") else session_id.replace("-", "")},
+        )
+        row = result.mappings().one()
+    await engine.dispose()
+    return dict(row)

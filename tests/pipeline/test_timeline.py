@@ -632,3 +632,61 @@ def test_align_never_one_segment_for_many_blocks(
     segments = align_timeline(transcript, code, duration)
     assert check_invariants(segments, duration, len(split_code_lines(code))) == []
     assert len(segments) == min(blocks, 30)
+
+
+# The whole post-processing the pipeline applies (repair, line check, span check, fallback).
+
+from mora_graphql.pipeline.timeline import final_timeline, timeline_spans  # noqa: E402
+
+
+@given(_raw_outputs, _codes, _durations, _transcripts())
+@settings(deadline=None, max_examples=1000)
+def test_final_timeline_of_any_model_output_is_valid_and_spans_the_video(
+    raw: str, code: str, duration: float, transcript: list[SubtitleLine]
+) -> None:
+    segments, source = final_timeline(
+        parse_model_timeline(raw), code=code, duration=duration, transcript=transcript
+    )
+    assert source in {"MODEL", "ALIGNED"}
+    assert check_invariants(segments, duration, len(split_code_lines(code))) == []
+    total = (
+        duration
+        if math.isfinite(duration) and duration > 0
+        else max([0.0, *(line.end for line in transcript if math.isfinite(line.end))])
+    )
+    if segments:
+        assert timeline_spans(segments, total)
+
+
+def test_final_timeline_replaces_a_partial_model_timeline() -> None:
+    code = "\n\n".join(f"def step_{n}():\n    return {n}" for n in range(6))
+    transcript = [SubtitleLine(t * 60.0, t * 60.0 + 50, f"now step_{t % 6}") for t in range(120)]
+    partial = [
+        {"startTime": 0, "endTime": 600, "description": "Intro", "startLine": 1, "endLine": 2}
+    ]
+    segments, source = final_timeline(partial, code=code, duration=7200.0, transcript=transcript)
+    assert source == "ALIGNED"
+    assert segments[0].start_time == 0 and segments[-1].end_time == 7200.0
+    whole = [
+        {"startTime": 0, "endTime": 3600, "description": "A", "startLine": 1, "endLine": 5},
+        {"startTime": 3600, "endTime": 7000, "description": "B", "startLine": 6, "endLine": 14},
+    ]
+    segments, source = final_timeline(whole, code=code, duration=7200.0, transcript=transcript)
+    assert source == "MODEL"
+    assert [s.description for s in segments] == ["A", "B"]
+
+
+def test_final_timeline_moves_lines_to_what_is_said() -> None:
+    code = "import csv\n\n\ndef load_csv(path):\n    return list(csv.reader(open(path)))\n\n\ndef average_price(rows):\n    return sum(r[1] for r in rows) / len(rows)\n"
+    transcript = [
+        SubtitleLine(0, 30, "we load the csv file with load csv path"),
+        SubtitleLine(30, 60, "now the average price of all rows average price"),
+    ]
+    wrong = [
+        {"startTime": 0, "endTime": 30, "description": "Load", "startLine": 8, "endLine": 9},
+        {"startTime": 30, "endTime": 60, "description": "Average", "startLine": 1, "endLine": 1},
+    ]
+    segments, source = final_timeline(wrong, code=code, duration=60.0, transcript=transcript)
+    assert source == "MODEL"
+    assert (segments[0].start_line, segments[0].end_line) == (4, 5)
+    assert (segments[1].start_line, segments[1].end_line) == (8, 9)

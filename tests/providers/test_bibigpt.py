@@ -3,6 +3,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -266,3 +267,19 @@ async def test_non_retryable_is_not_retried(
     with pytest.raises(PipelineError):
         await with_retries(lambda _a: source.fetch(VIDEO), attempts=5, base_delay=0.001)
     assert len(bibigpt_server.requests) == 1
+
+
+RECORDED = (
+    Path(__file__).resolve().parent.parent / "fixtures" / "python_csv_en.bibigpt.json"
+).read_text()
+
+
+async def test_recorded_fixture(http: httpx.AsyncClient, bibigpt_server: FakeBibiGPT) -> None:
+    body = RECORDED
+    bibigpt_server.respond(VIDEO.url, Raw(body))
+    transcript = await provider(http, bibigpt_server).fetch(VIDEO)
+    assert transcript.info.title == "Build a CSV sales report CLI in Python"
+    assert transcript.info.author == "Code With Mora"
+    assert len(transcript.lines) == 40
+    assert transcript.lines[6].text == "first let's write a function called load_sales"
+    assert transcript.duration >= transcript.lines[-1].end

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from mora_graphql.models import Platform
 from mora_graphql.sessions.video_urls import VideoRef
 
 
@@ -67,5 +68,7 @@ class SubtitleProvider(Protocol):
     """Fetches the transcript of one video; raises PipelineError with a precise code."""
 
     name: str
+    platforms: frozenset[Platform]
+    """The platforms this source can serve; the chain skips it for the others."""
 
     async def fetch(self, video: VideoRef) -> Transcript: ...

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 
 from mora_graphql.errors import ErrorCode, PipelineError
+from mora_graphql.models import Platform
 from mora_graphql.providers.subtitles.base import SubtitleLine, Transcript, VideoMeta
 from mora_graphql.sessions.video_urls import VideoRef
 
@@ -34,6 +35,7 @@ class BibiGPTError(PipelineError):
 
 class BibiGPTProvider:
     name = "bibigpt"
+    platforms = frozenset(Platform)
 
     def __init__(
         self, client: httpx.AsyncClient, api_url: str, api_key: str, timeout: float

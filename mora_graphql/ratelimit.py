@@ -1,0 +1,155 @@
+"""Rate limits (the `limits` library, moving windows) and the subscription concurrency cap.
+
+One `RateLimiter` per process, on `Services.limiter`. With Redis configured the windows are
+shared by every instance; while Redis is unreachable the limiter falls back to an in-process
+window (logged once per outage), so an outage never fails a request.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from limits import RateLimitItem, parse
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.storage import storage_from_string
+
+from mora_graphql.errors import RateLimited
+
+if TYPE_CHECKING:
+    from mora_graphql.config import Settings
+
+log = structlog.get_logger("mora.ratelimit")
+
+OUTAGE_BACKOFF = 5.0
+REDIS_TIMEOUT = 0.5
+SUBSCRIPTION_RETRY_AFTER = 5
+
+
+@lru_cache(maxsize=64)
+def parse_limit(value: str) -> RateLimitItem:
+    return parse(value)
+
+
+def _async_uri(uri: str) -> str:
+    return uri if uri.startswith("async+") else f"async+{uri}"
+
+
+def _storage(uri: str) -> Any:
+    options: dict[str, Any] = {"wrap_exceptions": True}
+    if "redis" in uri.split("://", 1)[0]:
+        options |= {
+            "implementation": "redispy",
+            "socket_connect_timeout": REDIS_TIMEOUT,
+            "socket_timeout": REDIS_TIMEOUT,
+        }
+    return storage_from_string(uri, **options)
+
+
+class RateLimiter:
+    def __init__(self, settings: Settings) -> None:
+        self.enabled = settings.rate_limit_enabled
+        self.prefix = settings.rate_limit_key_prefix
+        self.uri = _async_uri(settings.rate_limit_storage)
+        self.shared = not self.uri.startswith("async+memory")
+        self._storage = _storage(self.uri)
+        self._primary = MovingWindowRateLimiter(self._storage)
+        self._local = (
+            MovingWindowRateLimiter(_storage("async+memory://")) if self.shared else self._primary
+        )
+        self._outage_until = 0.0
+        self.max_subscriptions_per_user = settings.max_subscriptions_per_user
+        self._subscriptions: Counter[uuid.UUID] = Counter()
+
+    @property
+    def degraded(self) -> bool:
+        return self._outage_until > time.monotonic()
+
+    async def hit(self, limit: str, scope: str, identity: str) -> None:
+        """Consume one request from `limit` for `identity`; raise RateLimited when exhausted."""
+        if not self.enabled:
+            return
+        item = parse_limit(limit)
+        key = (self.prefix, scope, identity)
+        allowed, reset = await self._call(item, key)
+        if not allowed:
+            raise RateLimited(max(1, math.ceil(reset - time.time())))
+
+    async def clear(self, limit: str, scope: str, identity: str) -> None:
+        if not self.enabled:
+            return
+        item = parse_limit(limit)
+        key = (self.prefix, scope, identity)
+        if self.shared:
+            await self._local.clear(item, *key)
+        if not self.degraded:
+            try:
+                await self._primary.clear(item, *key)
+            except Exception as exc:
+                self._outage(exc)
+
+    async def _call(self, item: RateLimitItem, key: tuple[str, ...]) -> tuple[bool, float]:
+        if not self.degraded:
+            try:
+                return await self._check(self._primary, item, key)
+            except Exception as exc:
+                self._outage(exc)
+        return await self._check(self._local, item, key)
+
+    @staticmethod
+    async def _check(
+        strategy: MovingWindowRateLimiter, item: RateLimitItem, key: tuple[str, ...]
+    ) -> tuple[bool, float]:
+        if await strategy.hit(item, *key):
+            return True, 0.0
+        stats = await strategy.get_window_stats(item, *key)
+        return False, stats.reset_time
+
+    def _outage(self, exc: BaseException) -> None:
+        if not self.degraded:
+            log.warning(
+                "rate limit storage unavailable; using in-process limits",
+                error=type(exc).__name__,
+                detail=str(exc),
+                retry_in=OUTAGE_BACKOFF,
+            )
+        self._outage_until = time.monotonic() + OUTAGE_BACKOFF
+
+    @asynccontextmanager
+    async def subscription_slot(self, user_id: uuid.UUID) -> AsyncIterator[None]:
+        """Hold one of the user's concurrent subscription slots (counted per process)."""
+        if self.enabled and self._subscriptions[user_id] >= self.max_subscriptions_per_user:
+            raise RateLimited(
+                SUBSCRIPTION_RETRY_AFTER,
+                f"At most {self.max_subscriptions_per_user} subscriptions may be open at once.",
+            )
+        self._subscriptions[user_id] += 1
+        try:
+            yield
+        finally:
+            self._subscriptions[user_id] -= 1
+            if self._subscriptions[user_id] <= 0:
+                del self._subscriptions[user_id]
+
+    def open_subscriptions(self, user_id: uuid.UUID) -> int:
+        return self._subscriptions[user_id]
+
+    async def aclose(self) -> None:
+        for strategy in (self._primary, self._local):
+            timer = getattr(strategy.storage, "timer", None)
+            if timer is not None and not timer.done():
+                timer.cancel()
+        client = getattr(getattr(self._storage, "bridge", None), "storage", None)
+        close = getattr(client, "aclose", None)
+        if close is not None:
+            try:
+                await close()
+            except Exception as exc:
+                log.debug("rate limit storage close failed", error=type(exc).__name__)
