@@ -42,13 +42,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def gql(http: httpx.AsyncClient, query: str, variables: dict[str, Any] | None = None, token: str | None = None) -> dict[str, Any]:
+async def gql(
+    http: httpx.AsyncClient,
+    query: str,
+    variables: dict[str, Any] | None = None,
+    token: str | None = None,
+) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    response = await http.post("/graphql", json={"query": query, "variables": variables or {}}, headers=headers)
+    response = await http.post(
+        "/graphql", json={"query": query, "variables": variables or {}}, headers=headers
+    )
     return response.json()  # type: ignore[no-any-return]
 
 
-async def query_throughput(http: httpx.AsyncClient, token: str, seconds: float, clients: int) -> None:
+async def query_throughput(
+    http: httpx.AsyncClient, token: str, seconds: float, clients: int
+) -> None:
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
 
@@ -79,13 +88,22 @@ async def run_session(http: httpx.AsyncClient, token: str) -> str:
 
 async def wait_done(http: httpx.AsyncClient, token: str, session_id: str) -> None:
     while True:
-        result = await gql(http, "query($id: ID!) { session(id: $id) { status } }", {"id": session_id}, token)
+        result = await gql(
+            http, "query($id: ID!) { session(id: $id) { status } }", {"id": session_id}, token
+        )
         if result["data"]["session"]["status"] in {"COMPLETED", "ERROR", "CANCELLED"}:
             return
         await asyncio.sleep(0.01)
 
 
-async def fanout(http: httpx.AsyncClient, ws_url: str, token: str, fake: FakeOpenAI, subscribers: int, chunks: int) -> None:
+async def fanout(
+    http: httpx.AsyncClient,
+    ws_url: str,
+    token: str,
+    fake: FakeOpenAI,
+    subscribers: int,
+    chunks: int,
+) -> None:
     def script(body: dict[str, Any]) -> Any:
         if body.get("response_format"):
             return JSON('{"segments": []}')
@@ -98,7 +116,10 @@ async def fanout(http: httpx.AsyncClient, ws_url: str, token: str, fake: FakeOpe
 
     session_id = await run_session(http, token)
     started = time.perf_counter()
-    tasks = [asyncio.create_task(collect(ws_url, TRANSPORT_WS, token, PROGRESS, {"id": session_id})) for _ in range(subscribers)]
+    tasks = [
+        asyncio.create_task(collect(ws_url, TRANSPORT_WS, token, PROGRESS, {"id": session_id}))
+        for _ in range(subscribers)
+    ]
     await wait_done(http, token, session_id)
     watched = time.perf_counter() - started
     results = await asyncio.gather(*tasks)
@@ -125,7 +146,9 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         env = {
             **os.environ,
-            "DATABASE_URL": os.environ.get("BENCH_DATABASE_URL", f"sqlite+aiosqlite:///{tmp}/bench.db"),
+            "DATABASE_URL": os.environ.get(
+                "BENCH_DATABASE_URL", f"sqlite+aiosqlite:///{tmp}/bench.db"
+            ),
             "SECRET_KEY": "bench-secret-key-bench-secret-key-0123456789",
             "DEEPSEEK_API_URL": fake.url,
             "DEEPSEEK_API_KEY": KEY,
@@ -133,10 +156,16 @@ async def main() -> None:
             "MAX_REQUESTS_PER_MINUTE": "100000",
             "RATE_LIMIT_ENABLED": "false",
         }
-        server = subprocess.Popen([sys.executable, "-m", "mora_graphql.cli", "serve", "--port", str(port)], env=env, cwd=ROOT)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mora_graphql.cli", "serve", "--port", str(port)],
+            env=env,
+            cwd=ROOT,
+        )
         base = f"http://127.0.0.1:{port}"
         try:
-            async with httpx.AsyncClient(base_url=base, timeout=60, limits=httpx.Limits(max_connections=200)) as http:
+            async with httpx.AsyncClient(
+                base_url=base, timeout=60, limits=httpx.Limits(max_connections=200)
+            ) as http:
                 for _ in range(200):
                     try:
                         if (await http.get("/ready")).status_code == 200:
@@ -144,13 +173,27 @@ async def main() -> None:
                     except httpx.HTTPError:
                         pass
                     await asyncio.sleep(0.1)
-                result = await gql(http, 'mutation { register(email: "bench@example.com", password: "bench password") { accessToken } }')
+                result = await gql(
+                    http,
+                    'mutation { register(email: "bench@example.com", password: "bench password") { accessToken } }',
+                )
                 token = result["data"]["register"]["accessToken"]
-                fake.default = lambda body: JSON(json.dumps({"segments": []})) if body.get("response_format") else Stream(content_chunks=["print(1)\n"])
+                fake.default = lambda body: (
+                    JSON(json.dumps({"segments": []}))
+                    if body.get("response_format")
+                    else Stream(content_chunks=["print(1)\n"])
+                )
                 for _ in range(20):
                     await wait_done(http, token, await run_session(http, token))
                 await query_throughput(http, token, args.seconds, args.clients)
-                await fanout(http, f"ws://127.0.0.1:{port}/graphql", token, fake, args.subscribers, args.chunks)
+                await fanout(
+                    http,
+                    f"ws://127.0.0.1:{port}/graphql",
+                    token,
+                    fake,
+                    args.subscribers,
+                    args.chunks,
+                )
         finally:
             server.terminate()
             server.wait(20)

@@ -154,13 +154,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_production(self) -> Settings:
-        if self.environment == "production":
-            if self.secret_key is None or len(self.secret_key.get_secret_value()) < 32:
-                raise SettingsError(
-                    "SECRET_KEY must be set to a random string of at least 32 characters "
-                    "when ENVIRONMENT=production (for example: "
-                    'python -c "import secrets; print(secrets.token_urlsafe(48))")'
-                )
+        weak_key = self.secret_key is None or len(self.secret_key.get_secret_value()) < 32
+        if self.environment == "production" and weak_key:
+            raise SettingsError(
+                "SECRET_KEY must be set to a random string of at least 32 characters "
+                "when ENVIRONMENT=production (for example: "
+                'python -c "import secrets; print(secrets.token_urlsafe(48))")'
+            )
         if self.job_backend == "procrastinate" and self.is_sqlite:
             raise SettingsError("JOB_BACKEND=procrastinate needs a PostgreSQL DATABASE_URL.")
         if self.secret_key is None:

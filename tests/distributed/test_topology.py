@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,11 @@ pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 ROOT = Path(__file__).resolve().parents[2]
 SESSIONS = 6
 CODE = "\n".join(f"def step_{i}():\n    return {i}\n" for i in range(40))
-TIMELINE = {"segments": [{"startTime": 0, "endTime": 30, "description": "all", "startLine": 1, "endLine": 3}]}
+TIMELINE = {
+    "segments": [
+        {"startTime": 0, "endTime": 30, "description": "all", "startLine": 1, "endLine": 3}
+    ]
+}
 SRT = "1\n00:00:01,000 --> 00:00:30,000\ndefine the steps one by one\n\n2\n00:00:30,000 --> 00:01:00,000\nreturn each number\n"
 PROGRESS = """
 subscription($id: ID!) {
@@ -56,8 +59,10 @@ def responder(body: dict[str, Any]) -> Script:
 
 
 @pytest.fixture
-def database() -> Iterator[str]:
-    url = make_url(TEST_DATABASE_URL).set(database=make_url(TEST_DATABASE_URL).database + "_topology")
+def database() -> str:
+    url = make_url(TEST_DATABASE_URL).set(
+        database=make_url(TEST_DATABASE_URL).database + "_topology"
+    )
     admin_url = url.set(drivername="postgresql+psycopg", database="postgres")
     try:
         admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
@@ -67,7 +72,7 @@ def database() -> Iterator[str]:
         admin.dispose()
     except Exception as exc:
         unavailable(f"PostgreSQL not reachable: {type(exc).__name__}: {exc}")
-    yield url.render_as_string(hide_password=False)
+    return url.render_as_string(hide_password=False)
 
 
 class Cluster:
@@ -101,7 +106,9 @@ class Cluster:
                 process.wait()
 
     def dump(self) -> str:
-        return "\n".join(f"--- {name}\n{path.read_text()[-3000:]}" for name, path in self.logs.items())
+        return "\n".join(
+            f"--- {name}\n{path.read_text()[-3000:]}" for name, path in self.logs.items()
+        )
 
 
 async def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
@@ -120,7 +127,9 @@ async def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
 def worker_ids(database: str) -> list[int]:
     engine = create_engine(make_url(database).set(drivername="postgresql+psycopg"))
     with engine.connect() as conn:
-        ids = [row[0] for row in conn.execute(text("SELECT id FROM procrastinate_workers ORDER BY id"))]
+        ids = [
+            row[0] for row in conn.execute(text("SELECT id FROM procrastinate_workers ORDER BY id"))
+        ]
     engine.dispose()
     return ids
 
@@ -140,16 +149,21 @@ async def cancel_on_the_worker(apis: list[str], ws_url: str, token: str) -> None
         created = await http.post(
             "/graphql",
             json={
-                "query": "mutation($s: String!) { createSession(input: {videoUrl: \"https://youtu.be/dQw4w9WgXcQ\", subtitles: $s}) { id } }",
+                "query": 'mutation($s: String!) { createSession(input: {videoUrl: "https://youtu.be/dQw4w9WgXcQ", subtitles: $s}) { id } }',
                 "variables": {"s": SRT},
             },
         )
         session_id = created.json()["data"]["createSession"]["id"]
-        follower = asyncio.create_task(collect(ws_url, TRANSPORT_WS, token, PROGRESS, {"id": session_id}))
+        follower = asyncio.create_task(
+            collect(ws_url, TRANSPORT_WS, token, PROGRESS, {"id": session_id})
+        )
         for _ in range(400):
             read = await http.post(
                 "/graphql",
-                json={"query": "query($id: ID!) { session(id: $id) { status generatedCode } }", "variables": {"id": session_id}},
+                json={
+                    "query": "query($id: ID!) { session(id: $id) { status generatedCode } }",
+                    "variables": {"id": session_id},
+                },
             )
             if read.json()["data"]["session"]["generatedCode"]:
                 break
@@ -157,7 +171,10 @@ async def cancel_on_the_worker(apis: list[str], ws_url: str, token: str) -> None
         started = time.monotonic()
         cancelled = await http.post(
             "/graphql",
-            json={"query": "mutation($id: ID!) { cancelSession(id: $id) { status } }", "variables": {"id": session_id}},
+            json={
+                "query": "mutation($id: ID!) { cancelSession(id: $id) { status } }",
+                "variables": {"id": session_id},
+            },
         )
         took = time.monotonic() - started
     assert cancelled.json()["data"]["cancelSession"]["status"] == "CANCELLED", cancelled.json()
@@ -197,7 +214,11 @@ async def test_two_apis_two_workers_survive_a_sigkill(database: str, tmp_path: P
     cluster = Cluster(env)
     try:
         migrate = subprocess.run(
-            [sys.executable, "-m", "mora_graphql.cli", "migrate"], env=env, cwd=ROOT, capture_output=True, timeout=120
+            [sys.executable, "-m", "mora_graphql.cli", "migrate"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            timeout=120,
         )
         assert migrate.returncode == 0, migrate.stderr.decode()
         apis = [f"http://127.0.0.1:{port}" for port in ports]
@@ -220,7 +241,9 @@ async def test_two_apis_two_workers_survive_a_sigkill(database: str, tmp_path: P
         async with httpx.AsyncClient(base_url=apis[0], timeout=30) as http:
             response = await http.post(
                 "/graphql",
-                json={"query": 'mutation { register(email: "mp@example.com", password: "long enough pw") { accessToken } }'},
+                json={
+                    "query": 'mutation { register(email: "mp@example.com", password: "long enough pw") { accessToken } }'
+                },
             )
             token = response.json()["data"]["register"]["accessToken"]
             ids = []
@@ -228,7 +251,7 @@ async def test_two_apis_two_workers_survive_a_sigkill(database: str, tmp_path: P
                 created = await http.post(
                     "/graphql",
                     json={
-                        "query": "mutation($s: String!) { createSession(input: {videoUrl: \"https://youtu.be/dQw4w9WgXcQ\", subtitles: $s}) { id } }",
+                        "query": 'mutation($s: String!) { createSession(input: {videoUrl: "https://youtu.be/dQw4w9WgXcQ", subtitles: $s}) { id } }',
                         "variables": {"s": SRT},
                     },
                     headers={"Authorization": f"Bearer {token}"},
@@ -238,7 +261,9 @@ async def test_two_apis_two_workers_survive_a_sigkill(database: str, tmp_path: P
 
         ws_url = apis[1].replace("http", "ws") + "/graphql"
         followers = [
-            asyncio.create_task(collect(ws_url, (TRANSPORT_WS, LEGACY_WS)[i % 2], token, PROGRESS, {"id": sid}))
+            asyncio.create_task(
+                collect(ws_url, (TRANSPORT_WS, LEGACY_WS)[i % 2], token, PROGRESS, {"id": sid})
+            )
             for i, sid in enumerate(ids)
         ]
 
@@ -283,10 +308,14 @@ async def test_two_apis_two_workers_survive_a_sigkill(database: str, tmp_path: P
         print(f"recovered {len(victims)} sessions of the killed worker in {recovery:.1f}s")
         assert recovery < 60, recovery
         await cancel_on_the_worker(apis, ws_url, token)
-        unfinished = db_rows(database, "SELECT id, status FROM sessions WHERE status IN ('CREATED', 'PROCESSING')")
+        unfinished = db_rows(
+            database, "SELECT id, status FROM sessions WHERE status IN ('CREATED', 'PROCESSING')"
+        )
         assert unfinished == []
         cluster.stop()
-        exit_codes = {name: p.returncode for name, p in cluster.processes.items() if name != "worker0"}
+        exit_codes = {
+            name: p.returncode for name, p in cluster.processes.items() if name != "worker0"
+        }
         # uvicorn re-raises SIGTERM after its graceful shutdown, hence -15 for the APIs.
         assert exit_codes["worker1"] == 0, cluster.dump()
         assert {exit_codes["api0"], exit_codes["api1"]} <= {0, -signal.SIGTERM}, exit_codes

@@ -45,7 +45,9 @@ async def new_session(db: Database) -> uuid.UUID:
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def buses(request: pytest.FixtureRequest) -> AsyncIterator[tuple[EventBus, EventBus, list[Any]]]:
+async def buses(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[tuple[EventBus, EventBus, list[Any]]]:
     """A publishing bus and a subscribing bus (two processes' worth for Redis)."""
     if request.param == "memory":
         bus = MemoryEventBus(buffer=8)
@@ -65,7 +67,9 @@ async def buses(request: pytest.FixtureRequest) -> AsyncIterator[tuple[EventBus,
         await client.aclose()
 
 
-async def produce(db: Database, bus: EventBus, session_id: uuid.UUID, deltas: int, pause: float) -> str:
+async def produce(
+    db: Database, bus: EventBus, session_id: uuid.UUID, deltas: int, pause: float
+) -> str:
     recorder = await SessionRecorder.begin(db, bus, session_id, checkpoint_interval=0.01)
     assert recorder is not None
     for index in range(deltas):
@@ -93,16 +97,27 @@ def check_stream(items: list[Snapshot | SessionEvent], final_code: str) -> None:
     assert last.kind is EventKind.COMPLETED
 
 
-async def consume(db: Database, bus: EventBus, session_id: uuid.UUID, *, slow: float = 0.0, after: int | None = None) -> list[Snapshot | SessionEvent]:
+async def consume(
+    db: Database,
+    bus: EventBus,
+    session_id: uuid.UUID,
+    *,
+    slow: float = 0.0,
+    after: int | None = None,
+) -> list[Snapshot | SessionEvent]:
     items: list[Snapshot | SessionEvent] = []
-    async for item in follow_session(db, bus, session_id, owner_id=None, after_seq=after, idle_timeout=0.5):
+    async for item in follow_session(
+        db, bus, session_id, owner_id=None, after_seq=after, idle_timeout=0.5
+    ):
         items.append(item)
         if slow:
             await asyncio.sleep(slow)
     return items
 
 
-async def test_subscribers_get_everything_in_order(db: Database, buses: tuple[EventBus, EventBus, list[Any]]) -> None:
+async def test_subscribers_get_everything_in_order(
+    db: Database, buses: tuple[EventBus, EventBus, list[Any]]
+) -> None:
     publisher, subscriber, _ = buses
     session_id = await new_session(db)
     fast = asyncio.create_task(consume(db, subscriber, session_id))
@@ -113,7 +128,9 @@ async def test_subscribers_get_everything_in_order(db: Database, buses: tuple[Ev
         check_stream(await asyncio.wait_for(task, 15), code)
 
 
-async def test_slow_subscriber_does_not_slow_the_publisher(db: Database, buses: tuple[EventBus, EventBus, list[Any]]) -> None:
+async def test_slow_subscriber_does_not_slow_the_publisher(
+    db: Database, buses: tuple[EventBus, EventBus, list[Any]]
+) -> None:
     publisher, subscriber, _ = buses
     session_id = await new_session(db)
     stuck = asyncio.Event()
@@ -144,7 +161,9 @@ async def test_replay_after_seq(db: Database, buses: tuple[EventBus, EventBus, l
     assert code.count("line") == 10
 
 
-async def test_duplicate_sequence_numbers_are_dropped(db: Database, buses: tuple[EventBus, EventBus, list[Any]]) -> None:
+async def test_duplicate_sequence_numbers_are_dropped(
+    db: Database, buses: tuple[EventBus, EventBus, list[Any]]
+) -> None:
     publisher, _, _ = buses
     session_id = await new_session(db)
     await produce(db, publisher, session_id, deltas=3, pause=0)
