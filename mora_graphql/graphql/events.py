@@ -67,7 +67,7 @@ class SessionCompleted(SessionEvent):
             row = await SessionRepository(db).get(uuid.UUID(self.session_id))
         if row is None:
             raise NotFound("Session not found.")
-        return Session(row=row)
+        return Session.of(row)
 
 
 @strawberry.type
@@ -103,7 +103,7 @@ def to_graphql(item: Snapshot | DomainEvent) -> SessionEvent:
             status=row.status,
             stage=row.stage,
             progress=row.progress,
-            session=Session(row=row),
+            session=Session.of(row),
         )
     common: dict[str, Any] = {
         "seq": item.seq,

@@ -95,18 +95,18 @@ class Mutation:
             subtitles=input.subtitles,
             force_refresh=input.force_refresh,
         )
-        return Session(row=row)
+        return Session.of(row)
 
     @strawberry.mutation
     async def cancel_session(self, info: Info, id: strawberry.ID) -> Session:
         service = SessionService(info.context.services, info.context.require_user())
-        return Session(row=await service.cancel(id))
+        return Session.of(await service.cancel(id))
 
     @strawberry.mutation(description="Run a session that ended in ERROR or CANCELLED again.")
     async def retry_session(self, info: Info, id: strawberry.ID) -> Session:
         await _limit_pipeline_runs(info)
         service = SessionService(info.context.services, info.context.require_user())
-        return Session(row=await service.retry(id))
+        return Session.of(await service.retry(id))
 
     @strawberry.mutation
     async def delete_session(self, info: Info, id: strawberry.ID) -> bool:

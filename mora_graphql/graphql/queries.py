@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import strawberry
+from strawberry.types.nodes import FragmentSpread, InlineFragment, SelectedField, Selection
 
 from mora_graphql.auth.service import AuthService
 from mora_graphql.errors import BadUserInput
 from mora_graphql.graphql.context import Info
 from mora_graphql.graphql.types import (
+    HEAVY_FIELDS,
     PageInfo,
     Session,
     SessionConnection,
@@ -19,13 +21,47 @@ from mora_graphql.models import SessionStatus
 from mora_graphql.sessions.service import SessionService
 
 
+def _field_names(selections: list[Selection], path: tuple[str, ...]) -> set[str] | None:
+    """Names selected at `path` below these selections (fragments included); None when
+    something cannot be analysed, meaning "assume everything"."""
+    found: set[str] = set()
+    for selection in selections:
+        if isinstance(selection, SelectedField):
+            if not path:
+                found.add(selection.name)
+            elif selection.name == path[0]:
+                inner = _field_names(selection.selections, path[1:])
+                if inner is None:
+                    return None
+                found |= inner
+        elif isinstance(selection, FragmentSpread | InlineFragment):
+            inner = _field_names(selection.selections, path)
+            if inner is None:
+                return None
+            found |= inner
+        else:
+            return None
+    return found
+
+
+def _unselected_heavy_columns(info: Info) -> list[str]:
+    """Large columns of `sessions { edges { node } nodes }` the query does not ask for."""
+    top = info.selected_fields[0].selections
+    by_edges = _field_names(top, ("edges", "node"))
+    by_nodes = _field_names(top, ("nodes",))
+    if by_edges is None or by_nodes is None:
+        return []
+    wanted = by_edges | by_nodes
+    return [column for field, column in HEAVY_FIELDS.items() if field not in wanted]
+
+
 @strawberry.type
 class Query:
     @strawberry.field(description="Null when the session does not exist or is not yours.")
     async def session(self, info: Info, id: strawberry.ID) -> Session | None:
         principal = info.context.require_user()
         row = await SessionService(info.context.services, principal).get(id)
-        return Session(row=row) if row else None
+        return Session.of(row) if row else None
 
     @strawberry.field(description="Your sessions, newest first.")
     async def sessions(
@@ -45,9 +81,9 @@ class Query:
                     "after is not a valid cursor.", extensions={"field": "after"}
                 ) from exc
         rows, has_next = await SessionService(info.context.services, principal).page(
-            first=first, after=cursor, status=status
+            first=first, after=cursor, status=status, skip_columns=_unselected_heavy_columns(info)
         )
-        edges = [SessionEdge(cursor=encode_cursor(row), node=Session(row=row)) for row in rows]
+        edges = [SessionEdge(cursor=encode_cursor(row), node=Session.of(row)) for row in rows]
         return SessionConnection(
             edges=edges,
             page_info=PageInfo(

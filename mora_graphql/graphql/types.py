@@ -123,39 +123,44 @@ class AuthPayload:
 
 @strawberry.type
 class Session:
+    """Scalars are copied from the row; large and JSON-backed fields resolve lazily, so a list
+    query can leave the columns nobody asked for unloaded (see `HEAVY_FIELDS`)."""
+
     row: strawberry.Private[VideoSession]
+    id: strawberry.ID
+    video_url: str
+    platform: Platform
+    video_id: str = strawberry.field(description="Canonical video id, e.g. youtube:dQw4w9WgXcQ.")
+    language: str
+    status: SessionStatus
+    stage: PipelineStage | None
+    progress: float = strawberry.field(description="0..1; never decreases within one run.")
+    from_cache: bool
+    last_seq: int = strawberry.field(
+        description="Sequence number of the last event this state reflects."
+    )
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    completed_at: dt.datetime | None
 
-    @strawberry.field
-    def id(self) -> strawberry.ID:
-        return strawberry.ID(str(self.row.id))
-
-    @strawberry.field
-    def video_url(self) -> str:
-        return self.row.video_url
-
-    @strawberry.field
-    def platform(self) -> Platform:
-        return self.row.platform
-
-    @strawberry.field(description="Canonical video id, e.g. youtube:dQw4w9WgXcQ.")
-    def video_id(self) -> str:
-        return self.row.video_id
-
-    @strawberry.field
-    def language(self) -> str:
-        return self.row.language
-
-    @strawberry.field
-    def status(self) -> SessionStatus:
-        return self.row.status
-
-    @strawberry.field
-    def stage(self) -> PipelineStage | None:
-        return self.row.stage
-
-    @strawberry.field(description="0..1; never decreases within one run.")
-    def progress(self) -> float:
-        return self.row.progress
+    @classmethod
+    def of(cls, row: VideoSession) -> Session:
+        return cls(
+            row=row,
+            id=strawberry.ID(str(row.id)),
+            video_url=row.video_url,
+            platform=row.platform,
+            video_id=row.video_id,
+            language=row.language,
+            status=row.status,
+            stage=row.stage,
+            progress=row.progress,
+            from_cache=row.from_cache,
+            last_seq=row.last_seq,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            completed_at=row.completed_at,
+        )
 
     @strawberry.field
     def video_info(self) -> VideoInfo | None:
@@ -196,10 +201,6 @@ class Session:
         )
 
     @strawberry.field
-    def from_cache(self) -> bool:
-        return self.row.from_cache
-
-    @strawberry.field
     def code_check(self) -> CodeCheck | None:
         check = self.row.code_check
         if not check:
@@ -223,22 +224,6 @@ class Session:
             llm_calls=int(usage.get("llmCalls") or 0),
         )
 
-    @strawberry.field(description="Sequence number of the last event this state reflects.")
-    def last_seq(self) -> int:
-        return self.row.last_seq
-
-    @strawberry.field
-    def created_at(self) -> dt.datetime:
-        return self.row.created_at
-
-    @strawberry.field
-    def updated_at(self) -> dt.datetime:
-        return self.row.updated_at
-
-    @strawberry.field
-    def completed_at(self) -> dt.datetime | None:
-        return self.row.completed_at
-
 
 @strawberry.type
 class PageInfo:
@@ -260,6 +245,10 @@ class SessionConnection:
     @strawberry.field
     def nodes(self) -> list[Session]:
         return [edge.node for edge in self.edges]
+
+
+HEAVY_FIELDS = {"subtitles": "subtitles", "generatedCode": "generated_code", "timeline": "timeline"}
+"""GraphQL field -> column that list queries load only when the field is selected."""
 
 
 def encode_cursor(row: VideoSession) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import defer
 
 from mora_graphql.db import utcnow
 from mora_graphql.models import TERMINAL_STATUSES, SessionStatus, VideoSession
@@ -47,9 +48,12 @@ class SessionRepository:
         limit: int,
         after: tuple[dt.datetime, uuid.UUID] | None,
         status: SessionStatus | None,
+        skip_columns: Collection[str] = (),
     ) -> Sequence[VideoSession]:
-        """Newest first, keyset-paginated on (created_at, id)."""
-        stmt = select(VideoSession)
+        """Newest first, keyset-paginated on (created_at, id); `skip_columns` stay unloaded."""
+        stmt = select(VideoSession).options(
+            *(defer(getattr(VideoSession, name), raiseload=True) for name in skip_columns)
+        )
         if owner_id is not None:
             stmt = stmt.where(VideoSession.owner_id == owner_id)
         if status is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
 from mora_graphql.auth.tokens import Principal
@@ -109,6 +109,7 @@ class SessionService:
         first: int,
         after: tuple[dt.datetime, uuid.UUID] | None,
         status: SessionStatus | None,
+        skip_columns: Collection[str] = (),
     ) -> tuple[Sequence[VideoSession], bool]:
         if not 1 <= first <= MAX_PAGE:
             raise BadUserInput(
@@ -116,7 +117,11 @@ class SessionService:
             )
         async with self.db() as session:
             rows = await SessionRepository(session).page(
-                self._owner_filter, limit=first + 1, after=after, status=status
+                self._owner_filter,
+                limit=first + 1,
+                after=after,
+                status=status,
+                skip_columns=skip_columns,
             )
         return rows[:first], len(rows) > first
 

@@ -245,3 +245,25 @@ async def test_health_and_ready(live: LiveServer) -> None:
 async def test_graphiql_served_in_development(live: LiveServer) -> None:
     page = await live.http.get("/graphql", headers={"Accept": "text/html"})
     assert page.status_code == 200 and "graphiql" in page.text.lower()
+
+
+async def test_list_loads_large_fields_only_when_selected(live: LiveServer) -> None:
+    token = await live.register()
+    await create(live, token, subtitles=SRT)
+    light = await live.gql(
+        "{ sessions { edges { node { id status videoInfo { title } } } } }", token=token
+    )
+    assert "errors" not in light, light
+    with_fragments = await live.gql(
+        """
+        query { sessions { nodes { ...Big } edges { node { id ... on Session { timeline { source } } } } } }
+        fragment Big on Session { generatedCode subtitles { text } }
+        """,
+        token=token,
+    )
+    assert "errors" not in with_fragments, with_fragments
+    node = with_fragments["data"]["sessions"]["nodes"][0]
+    assert [line["text"] for line in node["subtitles"]] == [
+        "import pandas as pd",
+        "load the csv file",
+    ]
