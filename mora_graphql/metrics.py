@@ -11,3 +11,8 @@ STALLED_JOBS_RETRIED = Counter(
     "mora_stalled_jobs_retried_total", "Jobs retried after a lost worker"
 )
 ORPHANS_REQUEUED = Counter("mora_orphaned_sessions_requeued_total", "Sessions re-queued")
+EVENT_EXECUTIONS = Counter(
+    "mora_subscription_event_executions_total",
+    "Subscription event deliveries by whether the execution result was shared",
+    ["shared"],
+)

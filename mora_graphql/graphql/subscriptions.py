@@ -6,8 +6,10 @@ import strawberry
 
 from mora_graphql.errors import BadUserInput, NotFound
 from mora_graphql.events.stream import follow_session
+from mora_graphql.events.types import SessionEvent as DomainEvent
 from mora_graphql.graphql.context import Info
 from mora_graphql.graphql.events import SessionEvent, to_graphql
+from mora_graphql.graphql.fanout import SHARED_EVENTS
 from mora_graphql.sessions.service import parse_id
 
 
@@ -38,4 +40,4 @@ class Subscription:
         )
         async with services.limiter.subscription_slot(principal.user_id):
             async for item in stream:
-                yield to_graphql(item)
+                yield SHARED_EVENTS.get(item) if isinstance(item, DomainEvent) else to_graphql(item)

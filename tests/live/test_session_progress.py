@@ -18,7 +18,7 @@ from tests.fakes.fixtures import (  # noqa: F401
     bibigpt_server_fixture,
     openai_server_fixture,
 )
-from tests.fakes.openai_server import JSON, Fail, FakeOpenAI, Stream
+from tests.fakes.openai_server import JSON, Fail, FakeOpenAI, Hang, Stream
 from tests.wsclient import PROTOCOLS, TRANSPORT_WS, SubscriptionError, collect, connect, subscribe
 
 PROGRESS = """
@@ -523,3 +523,39 @@ async def _row(url: str, session_id: str) -> dict[str, Any]:
         row = result.mappings().one()
     await engine.dispose()
     return dict(row)
+
+
+def _metric(text: str, name: str, labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{labels}}}"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_subscribers_with_one_document_share_each_execution(
+    live: LiveServer, openai_server: FakeOpenAI
+) -> None:
+    openai_server.enqueue(Hang(1.0, then=code_stream()), JSON(json.dumps(TIMELINE)))
+    token = await live.register()
+    session_id = await start(live, token, subtitles=SRT)
+    before = (await live.http.get("/metrics")).text
+    runs = await asyncio.wait_for(
+        asyncio.gather(
+            *(
+                collect(live.ws_url, protocol, token, PROGRESS, {"id": session_id})
+                for protocol in PROTOCOLS * 3
+            )
+        ),
+        20,
+    )
+    after = (await live.http.get("/metrics")).text
+    name = "mora_subscription_event_executions_total"
+    shared = _metric(after, name, 'shared="true"') - _metric(before, name, 'shared="true"')
+    executed = _metric(after, name, 'shared="false"') - _metric(before, name, 'shared="false"')
+    for events in runs:
+        assert_sequence(events)
+        assert [e["seq"] for e in events[1:]] == [e["seq"] for e in runs[0][1:]]
+        assert events[1:] == runs[0][1:]
+    live_events = len(runs[0]) - 1
+    assert executed + shared == live_events * len(runs)
+    assert executed <= live_events + 2
