@@ -36,6 +36,30 @@ PROGRESS = "subscription($id: ID!) { sessionProgress(sessionId: $id) { __typenam
 KEY = "sk-bench-key-000000000000"
 
 
+def responder(chunks: int, gate: float) -> Any:
+    """Quick replies, except for sessions tagged `gated`: wait `gate` s, then stream `chunks`."""
+
+    def reply(body: dict[str, Any]) -> Any:
+        if body.get("response_format"):
+            return JSON('{"segments": []}')
+        if "gated" not in json.dumps(body.get("messages")):
+            return Stream(content_chunks=["print(1)\n"])
+        lines = [f"x_{i} = {i}\n" for i in range(chunks)]
+        return Hang(gate, then=Stream(content_chunks=lines, chunk_delay=0.001))
+
+    return reply
+
+
+def serve_llm(chunks: int, gate: float) -> None:
+    """Run the OpenAI-compatible server in its own process, so that the benchmark's clients
+    cannot slow down the token stream the pipeline consumes."""
+    fake = FakeOpenAI(api_key=KEY).start()
+    fake.default = responder(chunks, gate)
+    print(fake.url, flush=True)
+    sys.stdin.read()
+    fake.stop()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -96,28 +120,13 @@ async def wait_done(http: httpx.AsyncClient, token: str, session_id: str) -> Non
         await asyncio.sleep(0.01)
 
 
-async def fanout(
-    http: httpx.AsyncClient,
-    ws_url: str,
-    token: str,
-    fake: FakeOpenAI,
-    subscribers: int,
-    chunks: int,
-) -> None:
+async def fanout(http: httpx.AsyncClient, ws_url: str, token: str, subscribers: int) -> None:
     gate = 1.0 + subscribers * 0.01
-
-    def script(body: dict[str, Any]) -> Any:
-        if body.get("response_format"):
-            return JSON('{"segments": []}')
-        lines = [f"x_{i} = {i}\n" for i in range(chunks)]
-        return Hang(gate, then=Stream(content_chunks=lines, chunk_delay=0.001))
-
-    fake.default = script
     started = time.perf_counter()
-    await wait_done(http, token, await run_session(http, token, "alone"))
+    await wait_done(http, token, await run_session(http, token, "gated alone"))
     alone = time.perf_counter() - started - gate
 
-    session_id = await run_session(http, token, "watched")
+    session_id = await run_session(http, token, "gated watched")
     started = time.perf_counter()
     tasks = [
         asyncio.create_task(collect(ws_url, TRANSPORT_WS, token, PROGRESS, {"id": session_id}))
@@ -130,7 +139,7 @@ async def fanout(
     deliveries = sum(len(r) - 1 for r in results)
     complete = all(r[-1]["__typename"] == "SessionCompleted" for r in results)
     print(
-        f"fan-out, {subscribers} subscribers x {chunks} code chunks: {deliveries:,} live deliveries "
+        f"fan-out, {subscribers} subscribers x {len(results[0]) - 1} events: {deliveries:,} live deliveries "
         f"in {elapsed:.2f} s = {deliveries / elapsed:,.0f} deliveries/s; all complete: {complete}"
     )
     print(
@@ -144,9 +153,29 @@ async def main() -> None:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--subscribers", type=int, default=200)
     parser.add_argument("--chunks", type=int, default=500)
+    parser.add_argument("--serve-llm", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    gate = 1.0 + args.subscribers * 0.01
+    if args.serve_llm:
+        serve_llm(args.chunks, gate)
+        return
 
-    fake = FakeOpenAI(api_key=KEY).start()
+    llm = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--serve-llm",
+            "--chunks",
+            str(args.chunks),
+            "--subscribers",
+            str(args.subscribers),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert llm.stdout is not None
+    llm_url = llm.stdout.readline().strip()
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         env = {
@@ -155,7 +184,7 @@ async def main() -> None:
                 "BENCH_DATABASE_URL", f"sqlite+aiosqlite:///{tmp}/bench.db"
             ),
             "SECRET_KEY": "bench-secret-key-bench-secret-key-0123456789",
-            "DEEPSEEK_API_URL": fake.url,
+            "DEEPSEEK_API_URL": llm_url,
             "DEEPSEEK_API_KEY": KEY,
             "LOG_LEVEL": "WARNING",
             "MAX_REQUESTS_PER_MINUTE": "100000",
@@ -185,26 +214,14 @@ async def main() -> None:
                     'mutation { register(email: "bench@example.com", password: "bench password") { accessToken } }',
                 )
                 token = result["data"]["register"]["accessToken"]
-                fake.default = lambda body: (
-                    JSON(json.dumps({"segments": []}))
-                    if body.get("response_format")
-                    else Stream(content_chunks=["print(1)\n"])
-                )
                 for _ in range(20):
                     await wait_done(http, token, await run_session(http, token))
                 await query_throughput(http, token, args.seconds, args.clients)
-                await fanout(
-                    http,
-                    f"ws://127.0.0.1:{port}/graphql",
-                    token,
-                    fake,
-                    args.subscribers,
-                    args.chunks,
-                )
+                await fanout(http, f"ws://127.0.0.1:{port}/graphql", token, args.subscribers)
         finally:
             server.terminate()
             server.wait(20)
-            fake.stop()
+            llm.communicate("", timeout=20)
 
 
 if __name__ == "__main__":
