@@ -142,6 +142,33 @@ def db_rows(database: str, sql: str) -> list[Any]:
     return rows
 
 
+async def orphan_is_reconciled(database: str) -> None:
+    """A session row with no job at all (e.g. its process died between commit and defer)."""
+    engine = create_engine(make_url(database).set(drivername="postgresql+psycopg"))
+    with engine.begin() as conn:
+        orphan = conn.execute(
+            text(
+                """
+                INSERT INTO sessions (id, owner_id, video_url, platform, video_id, language, status,
+                  progress, user_subtitles, subtitles, from_cache, force_refresh, last_seq, attempt,
+                  created_at, updated_at)
+                SELECT gen_random_uuid(), owner_id, video_url, platform, video_id, language,
+                  'CREATED', 0, true, subtitles, false, false, 0, 0, now(),
+                  now() - interval '1 minute'
+                FROM sessions LIMIT 1
+                RETURNING id
+                """
+            )
+        ).scalar_one()
+    engine.dispose()
+    for _ in range(300):
+        status = db_rows(database, f"SELECT status FROM sessions WHERE id = '{orphan}'")[0][0]
+        if status == "COMPLETED":
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"orphaned session stayed {status}")
+
+
 async def cancel_on_the_worker(apis: list[str], ws_url: str, token: str) -> None:
     """cancelSession through one API aborts the job running on the remaining worker."""
     headers = {"Authorization": f"Bearer {token}"}
@@ -308,6 +335,7 @@ async def test_two_apis_two_workers_survive_a_sigkill(database: str, tmp_path: P
         print(f"recovered {len(victims)} sessions of the killed worker in {recovery:.1f}s")
         assert recovery < 60, recovery
         await cancel_on_the_worker(apis, ws_url, token)
+        await orphan_is_reconciled(database)
         unfinished = db_rows(
             database, "SELECT id, status FROM sessions WHERE status IN ('CREATED', 'PROCESSING')"
         )
