@@ -7,6 +7,8 @@ window (logged once per outage), so an outage never fails a request.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import time
 import uuid
@@ -20,6 +22,7 @@ import structlog
 from limits import RateLimitItem, parse
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
+from redis.asyncio import Redis
 
 from mora_graphql.errors import RateLimited
 
@@ -31,6 +34,16 @@ log = structlog.get_logger("mora.ratelimit")
 OUTAGE_BACKOFF = 5.0
 REDIS_TIMEOUT = 0.5
 SUBSCRIPTION_RETRY_AFTER = 5
+LEASE_TTL = 60.0
+
+# Drop expired leases, then take one if the user holds fewer than the limit.
+_ACQUIRE_LEASE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
 
 
 @lru_cache(maxsize=64)
@@ -67,6 +80,17 @@ class RateLimiter:
         self._outage_until = 0.0
         self.max_subscriptions_per_user = settings.max_subscriptions_per_user
         self._subscriptions: Counter[uuid.UUID] = Counter()
+        self._redis: Redis | None = (
+            Redis.from_url(
+                self.uri.removeprefix("async+"),
+                socket_connect_timeout=REDIS_TIMEOUT,
+                socket_timeout=REDIS_TIMEOUT,
+            )
+            if self.shared and "redis" in self.uri.split("://", 1)[0]
+            else None
+        )
+        self._leases: dict[str, uuid.UUID] = {}
+        self._renewer: asyncio.Task[None] | None = None
 
     @property
     def degraded(self) -> bool:
@@ -124,8 +148,17 @@ class RateLimiter:
 
     @asynccontextmanager
     async def subscription_slot(self, user_id: uuid.UUID) -> AsyncIterator[None]:
-        """Hold one of the user's concurrent subscription slots (counted per process)."""
-        if self.enabled and self._subscriptions[user_id] >= self.max_subscriptions_per_user:
+        """Hold one of the user's concurrent subscription slots.
+
+        With Redis the slots are leases in a sorted set per user, shared by every API instance;
+        each instance renews its own leases, so those of a crashed instance expire after
+        `LEASE_TTL` seconds. Without Redis (or during an outage) they are counted per process.
+        """
+        if not self.enabled:
+            yield
+            return
+        lease = await self._acquire_shared(user_id)
+        if lease is None and self._subscriptions[user_id] >= self.max_subscriptions_per_user:
             raise RateLimited(
                 SUBSCRIPTION_RETRY_AFTER,
                 f"At most {self.max_subscriptions_per_user} subscriptions may be open at once.",
@@ -137,11 +170,80 @@ class RateLimiter:
             self._subscriptions[user_id] -= 1
             if self._subscriptions[user_id] <= 0:
                 del self._subscriptions[user_id]
+            if lease:
+                await self._release_shared(user_id, lease)
+
+    def _lease_key(self, user_id: uuid.UUID) -> str:
+        return f"{self.prefix}:subscriptions:{user_id}"
+
+    async def _acquire_shared(self, user_id: uuid.UUID) -> str | None:
+        """A lease id, or None when Redis is not used or unreachable (then count locally).
+
+        Raises RateLimited when every shared slot is taken."""
+        if self._redis is None or self.degraded:
+            return None
+        lease = uuid.uuid4().hex
+        now = time.time()
+        try:
+            taken = await self._redis.eval(
+                _ACQUIRE_LEASE,
+                1,
+                self._lease_key(user_id),
+                now,
+                self.max_subscriptions_per_user,
+                now + LEASE_TTL,
+                lease,
+                int(LEASE_TTL * 2),
+            )
+        except Exception as exc:
+            self._outage(exc)
+            return None
+        if not taken:
+            raise RateLimited(
+                SUBSCRIPTION_RETRY_AFTER,
+                f"At most {self.max_subscriptions_per_user} subscriptions may be open at once.",
+            )
+        self._leases[lease] = user_id
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.create_task(self._renew_leases(), name="subscription-leases")
+        return lease
+
+    async def _release_shared(self, user_id: uuid.UUID, lease: str) -> None:
+        self._leases.pop(lease, None)
+        if self._redis is None:
+            return
+        try:
+            await self._redis.zrem(self._lease_key(user_id), lease)
+        except Exception as exc:
+            self._outage(exc)
+
+    async def _renew_leases(self) -> None:
+        while self._leases:
+            await asyncio.sleep(LEASE_TTL / 3)
+            if self._redis is None or not self._leases:
+                continue
+            expiry = time.time() + LEASE_TTL
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for lease, user_id in list(self._leases.items()):
+                        pipe.zadd(self._lease_key(user_id), {lease: expiry})
+                    await pipe.execute()
+            except Exception as exc:
+                self._outage(exc)
 
     def open_subscriptions(self, user_id: uuid.UUID) -> int:
         return self._subscriptions[user_id]
 
     async def aclose(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+        if self._redis is not None:
+            try:
+                await self._redis.aclose()
+            except Exception as exc:
+                log.debug("subscription lease client close failed", error=type(exc).__name__)
         for strategy in (self._primary, self._local):
             timer = getattr(strategy.storage, "timer", None)
             if timer is not None and not timer.done():

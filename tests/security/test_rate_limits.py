@@ -225,3 +225,44 @@ async def test_redis_down_degrades_to_local_limits(
         assert live.services.limiter.degraded
     logged = capfd.readouterr().err
     assert logged.count("rate limit storage unavailable") == 1, logged
+
+
+async def test_subscription_slots_are_shared_through_redis(sqlite_url: str, redis_url: str) -> None:
+    """Two API instances on one Redis: a user's open subscriptions count across both."""
+    settings = make_settings(
+        sqlite_url,
+        **{**BASE, "max_subscriptions_per_user": 2},
+        rate_limit_storage_url=f"async+{redis_url}",
+        rate_limit_key_prefix=f"test-{uuid.uuid4().hex[:8]}",
+    )
+    async for one in start_server(settings):
+        async for two in start_server(settings):
+            token = await one.register()
+            user_id = (await one.gql("{ me { id } }", token=token))["data"]["me"]["id"]
+            owner = Account(email="", token=token, id=user_id, refresh="")
+            ids = [await insert_session(one, owner, SessionStatus.PROCESSING) for _ in range(3)]
+            sockets = []
+            for live, session_id in ((one, ids[0]), (two, ids[1])):
+                ws = await raw_socket(live, TRANSPORT_WS)
+                assert (await init(ws, token))["type"] == "connection_ack"
+                await start(ws, TRANSPORT_WS, "s", PROGRESS, {"id": session_id})
+                assert (await next_message(ws))["type"] == "next"
+                sockets.append(ws)
+            third = await raw_socket(one, TRANSPORT_WS)
+            assert (await init(third, token))["type"] == "connection_ack"
+            await start(third, TRANSPORT_WS, "t", PROGRESS, {"id": ids[2]})
+            refused = await next_message(third)
+            assert refused["payload"]["errors"][0]["extensions"]["code"] == "RATE_LIMITED"
+            assert (await next_message(third))["type"] == "complete"
+            await sockets[1].close()
+            for attempt in range(100):
+                await start(third, TRANSPORT_WS, f"t{attempt}", PROGRESS, {"id": ids[2]})
+                reply = await next_message(third)
+                if reply["type"] == "next" and reply["payload"].get("data"):
+                    break
+                await next_message(third)
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the slot freed on the other instance never became usable")
+            for ws in (sockets[0], third):
+                await ws.close()
