@@ -63,8 +63,9 @@ CHUNK_PROGRESS_SPAN = 0.3
 """Progress spent on per-chunk extraction of a long transcript."""
 TIMELINE_PROMPT_OVERHEAD = 600
 """Tokens of the timeline prompt besides the code and the transcript."""
-FOLLOW_POLL_INTERVAL = 0.2
-"""Seconds between checks while following another session's run of the same video."""
+FOLLOW_RECHECK_INTERVAL = 5.0
+"""While following another session's run of the same video, its terminal event on the bus
+ends the wait at once; the cache and its row are also re-checked this often (seconds)."""
 FINAL_SUBTITLE_ERRORS = frozenset(
     {ErrorCode.NO_SUBTITLE, ErrorCode.VIDEO_TOO_LONG, ErrorCode.INVALID_VIDEO_URL}
 )
@@ -274,7 +275,23 @@ class PipelineRunner:
                 # The leader ended without a usable result: take over its lease.
                 await self.cache.release_lease(key, holder)
                 continue
-            await asyncio.sleep(FOLLOW_POLL_INTERVAL)
+            await self._wait_for_end(leader.id)
+
+    async def _wait_for_end(self, session_id: uuid.UUID) -> None:
+        """Until the session's terminal event arrives, or FOLLOW_RECHECK_INTERVAL passes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FOLLOW_RECHECK_INTERVAL
+        async with self.services.bus.subscribe(session_id) as subscriber:
+            row = await self._leader_row(str(session_id))
+            if row is None or row.status.is_terminal:
+                return
+            while (remaining := deadline - loop.time()) > 0:
+                event = await subscriber.get(remaining)
+                if event is None and subscriber.lagging:
+                    subscriber.reset()
+                    continue
+                if event is None or event.is_terminal:
+                    return
 
     async def _leader_row(self, holder: str) -> VideoSession | None:
         try:
