@@ -226,7 +226,7 @@ async def test_two_apis_two_workers_survive_a_sigkill(database: str, tmp_path: P
         "DEEPSEEK_RETRY_BASE_DELAY": "0.05",
         "JOB_CONCURRENCY": "4",
         # Every session uses the same subtitles: with the result cache on they would share
-        # one LLM run (issue 5) and finish before the kill this test needs.
+        # one LLM run and finish before the kill this test needs.
         "ENABLE_CACHE": "false",
         "WORKER_HEARTBEAT_INTERVAL": "1",
         "STALLED_JOB_TIMEOUT": "4",
