@@ -161,8 +161,11 @@ class Settings(BaseSettings):
                 "when ENVIRONMENT=production (for example: "
                 'python -c "import secrets; print(secrets.token_urlsafe(48))")'
             )
-        if self.job_backend == "procrastinate" and self.is_sqlite:
-            raise SettingsError("JOB_BACKEND=procrastinate needs a PostgreSQL DATABASE_URL.")
+        if self.job_backend == "procrastinate" and (self.is_sqlite or not self.redis_url):
+            raise SettingsError(
+                "JOB_BACKEND=procrastinate needs a PostgreSQL DATABASE_URL and REDIS_URL "
+                "(events must cross processes)."
+            )
         if self.secret_key is None:
             self.secret_key = SecretStr(secrets.token_urlsafe(48))
         return self

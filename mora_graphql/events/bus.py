@@ -129,8 +129,10 @@ class MemoryEventBus:
     async def replay(self, session_id: uuid.UUID, after_seq: int) -> list[SessionEvent] | None:
         events = self._events.get(session_id)
         last = self._last.get(session_id, 0)
-        if after_seq >= last:
-            return [] if last or after_seq == 0 else None
+        if after_seq > last:
+            return None
+        if after_seq == last:
+            return []
         if not events or events[0].seq > after_seq + 1:
             return None
         return [event for event in events if event.seq > after_seq]

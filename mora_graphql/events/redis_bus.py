@@ -92,17 +92,24 @@ class RedisEventBus:
             log.warning("event not published", seq=event.seq, error=type(exc).__name__)
 
     async def replay(self, session_id: uuid.UUID, after_seq: int) -> list[SessionEvent] | None:
+        """Events after `after_seq`, or None when the stream cannot give all of them (trimmed,
+        expired, a hole left by a failed XADD, or a client claiming a seq we never reached)."""
+        key = self._key(session_id)
         try:
-            first = await self.redis.xrange(self._key(session_id), count=1)
-            entries = await self.redis.xrange(self._key(session_id), min=f"{after_seq + 1}-0")
+            first = await self.redis.xrange(key, count=1)
+            newest = await self.redis.xrevrange(key, count=1)
+            entries = await self.redis.xrange(key, min=f"{after_seq + 1}-0")
         except RedisError as exc:
             log.warning("replay unavailable", error=type(exc).__name__)
             return None
         if not first:
             return [] if after_seq == 0 else None
-        if _seq(first[0][0]) > after_seq + 1:
+        if _seq(first[0][0]) > after_seq + 1 or after_seq > _seq(newest[0][0] if newest else None):
             return None
-        return [SessionEvent.from_json(fields[b"e"]) for _id, fields in entries or [] if fields]
+        events = [SessionEvent.from_json(fields[b"e"]) for _id, fields in entries or [] if fields]
+        if any(event.seq != after_seq + 1 + index for index, event in enumerate(events)):
+            return None
+        return events
 
     async def last_seq(self, session_id: uuid.UUID) -> int:
         entries = await self.redis.xrevrange(self._key(session_id), count=1)
@@ -141,7 +148,13 @@ class RedisEventBus:
         subscribers = self._subscribers.get(session_id)
         if not subscribers:
             return
-        event = SessionEvent.from_json(data)
+        try:
+            event = SessionEvent.from_json(data)
+        except (ValueError, KeyError, TypeError):
+            log.warning("unreadable event on the bus", channel=name)
+            for subscriber in list(subscribers):
+                subscriber.resync()
+            return
         for subscriber in list(subscribers):
             subscriber.offer(event)
 
@@ -155,8 +168,12 @@ class RedisEventBus:
         while not self._closed:
             pubsub = self.redis.pubsub()
             try:
-                await pubsub.subscribe(CONTROL_CHANNEL, *(self._key(s) for s in self._subscribers))
+                subscribed = set(self._subscribers)
+                await pubsub.subscribe(CONTROL_CHANNEL, *(self._key(s) for s in subscribed))
                 self._pubsub = pubsub
+                joined_meanwhile = set(self._subscribers) - subscribed
+                if joined_meanwhile:
+                    await pubsub.subscribe(*(self._key(s) for s in joined_meanwhile))
                 self._connected.set()
                 self._resync_all()
                 delay = 0.1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import uuid
@@ -150,13 +151,40 @@ async def _catch_up(
     owner_id: uuid.UUID | None,
     last: int,
 ) -> AsyncIterator[tuple[Snapshot | SessionEvent, int]]:
+    """Fill a gap (or check after a quiet spell) from the replay log, then the stored row.
+
+    The row decides the end: a terminal row whose event never reached the bus (e.g. the bus
+    was unreachable when it was published) still ends the stream with its terminal event."""
     subscriber.reset()
     events = await bus.replay(session_id, last)
-    if events is not None:
-        for event in events:
-            yield event, event.seq
-        return
+    for event in events or ():
+        yield event, event.seq
+        last = event.seq
+        if event.is_terminal:
+            return
     row = await _load(db, session_id, owner_id)
-    async for item in _snapshot(row):
-        if item.seq > last:
+    if events is None:
+        async for item in _snapshot(row):
+            if item.seq > last:
+                yield item, item.seq
+                last = item.seq
+                if _is_end(item):
+                    return
+    if not row.status.is_terminal:
+        return
+    if row.last_seq > last + 1 and events is not None:
+        # The run finished while we read: its last events are normally in the log by now.
+        for event in await bus.replay(session_id, last) or ():
+            yield event, event.seq
+            last = event.seq
+            if event.is_terminal:
+                return
+    if row.last_seq > last + 1:
+        async for item in _snapshot(row):
             yield item, item.seq
+    elif row.last_seq == last + 1:
+        yield terminal_event(row), row.last_seq
+    else:
+        # The terminal write lost its seq to an event published concurrently (an external
+        # cancel racing the job): end the stream anyway, right after what the client has seen.
+        yield dataclasses.replace(terminal_event(row), seq=last + 1), last + 1

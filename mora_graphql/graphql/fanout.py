@@ -70,14 +70,15 @@ class SharedEventExecutionContext(StrawberryGraphQLCoreExecutionContext):
             shared = memo.get(key)
             if shared is not None:
                 EVENT_EXECUTIONS.labels("true").inc()
-                return shared
+                # A subscriber that goes away must not cancel the others' shared execution.
+                return asyncio.shield(shared) if isinstance(shared, asyncio.Future) else shared
             EVENT_EXECUTIONS.labels("false").inc()
             result = execute(*args, **kwargs)
             if inspect.isawaitable(result):
                 task = asyncio.ensure_future(result)
                 memo[key] = task
                 task.add_done_callback(lambda done: _forget_failures(memo, key, done))
-                return task
+                return asyncio.shield(task)
             if isinstance(result, ExecutionResult) and not result.errors:
                 memo[key] = result
             return result

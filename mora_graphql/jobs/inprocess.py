@@ -22,6 +22,7 @@ class InProcessQueue:
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: dict[uuid.UUID, asyncio.Task[None]] = {}
         self._running: set[uuid.UUID] = set()
+        self._again: set[uuid.UUID] = set()
         self._closed = False
 
     @property
@@ -42,11 +43,25 @@ class InProcessQueue:
         self._tasks.clear()
 
     async def enqueue(self, session_id: uuid.UUID) -> None:
-        if self._closed or session_id in self._tasks:
+        if self._closed:
+            return
+        if session_id in self._tasks:
+            # Still finishing (e.g. publishing its terminal event): run again right after.
+            self._again.add(session_id)
             return
         task = asyncio.create_task(self._run(session_id), name=f"session:{session_id}")
         self._tasks[session_id] = task
-        task.add_done_callback(lambda _t: self._tasks.pop(session_id, None))
+        task.add_done_callback(lambda _t: self._finished(session_id))
+
+    def _finished(self, session_id: uuid.UUID) -> None:
+        self._tasks.pop(session_id, None)
+        if session_id in self._again and not self._closed:
+            self._again.discard(session_id)
+            task = asyncio.get_running_loop().create_task(
+                self._run(session_id), name=f"session:{session_id}"
+            )
+            self._tasks[session_id] = task
+            task.add_done_callback(lambda _t: self._finished(session_id))
 
     async def _run(self, session_id: uuid.UUID) -> None:
         async with self._slots:
@@ -65,6 +80,7 @@ class InProcessQueue:
         if task is None:
             return False
         was_running = session_id in self._running
+        self._again.discard(session_id)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, TimeoutError):
             await asyncio.wait_for(asyncio.shield(task), self.cancel_timeout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -13,6 +14,13 @@ from mora_graphql.events.bus import EventBus
 from mora_graphql.events.types import EventKind, SessionEvent
 from mora_graphql.models import PipelineStage, SessionStatus
 from mora_graphql.sessions.repository import SessionRepository
+
+RESUME_SEQ_SKIP = 10_000
+"""Seq numbers skipped when a run resumes without the bus's history (see `begin`)."""
+
+
+class SessionEnded(Exception):
+    """The session reached a terminal state outside this run (cancelled, deleted)."""
 
 
 class SessionRecorder:
@@ -51,7 +59,12 @@ class SessionRecorder:
             row = await repo.get(session_id, for_update=True)
             if row is None or row.status.is_terminal:
                 return None
-            seq = max(row.last_seq, await bus.last_seq(session_id))
+            known = await bus.last_seq(session_id)
+            seq = max(row.last_seq, known)
+            if row.last_seq and not known:
+                # The bus lost this session's history (a restarted process): the stored seq may
+                # lag what subscribers saw, so jump past anything that could have been published.
+                seq += RESUME_SEQ_SKIP
             recorder = cls(
                 db,
                 bus,
@@ -62,7 +75,12 @@ class SessionRecorder:
                 progress=0.0,
                 checkpoint_interval=checkpoint_interval,
             )
-            resumed = row.status is SessionStatus.PROCESSING
+            # Read before the update below, which refreshes `row` in place.
+            earlier_code = (
+                row.status is SessionStatus.PROCESSING
+                or bool(row.generated_code)
+                or row.attempt > 0
+            )
             recorder.seq += 1
             await repo.update_fields(
                 session_id,
@@ -80,7 +98,7 @@ class SessionRecorder:
                 last_seq=recorder.seq,
             )
         await recorder._publish(EventKind.STATUS_CHANGED, seq=recorder.seq)
-        if resumed:
+        if earlier_code:
             await recorder.code_reset()
         return recorder
 
@@ -125,6 +143,7 @@ class SessionRecorder:
 
     async def thought(self, text: str) -> None:
         await self._publish(EventKind.THOUGHT_DELTA, text=text)
+        await self.checkpoint()
 
     async def code_delta(self, text: str, progress: float | None = None) -> None:
         if not text:
@@ -166,10 +185,19 @@ class SessionRecorder:
             **fields,
         }
         async with transaction(self.db) as session:
-            await SessionRepository(session).update_if_active(self.session_id, **values)
+            active = await SessionRepository(session).update_if_active(self.session_id, **values)
+        if not active:
+            raise SessionEnded(self.session_id)
         self._checkpointed_seq = self.seq
 
     async def _finish(
+        self, kind: EventKind, status: SessionStatus, payload: str | None, **fields: Any
+    ) -> bool:
+        """The terminal write and its event, shielded so that a cancel arriving meanwhile can
+        neither roll the write back nor leave it without its event."""
+        return await asyncio.shield(self._finish_now(kind, status, payload, **fields))
+
+    async def _finish_now(
         self, kind: EventKind, status: SessionStatus, payload: str | None, **fields: Any
     ) -> bool:
         seq = self.seq + 1

@@ -27,7 +27,7 @@ from mora_graphql.pipeline.code import (
     check_code,
     strip_code_fences,
 )
-from mora_graphql.pipeline.recorder import SessionRecorder
+from mora_graphql.pipeline.recorder import SessionEnded, SessionRecorder
 from mora_graphql.pipeline.timeline import final_timeline, parse_model_timeline
 from mora_graphql.pipeline.transcript import (
     chunk_transcript,
@@ -165,18 +165,30 @@ class PipelineRunner:
     ) -> None:
         """`stopping()` tells a shutdown (leave the session to be resumed) from a user cancel."""
         services = self.services
-        recorder = await SessionRecorder.begin(
-            services.db,
-            services.bus,
-            session_id,
-            checkpoint_interval=self.settings.checkpoint_interval,
+        starting = asyncio.ensure_future(
+            SessionRecorder.begin(
+                services.db,
+                services.bus,
+                session_id,
+                checkpoint_interval=self.settings.checkpoint_interval,
+            )
         )
+        try:
+            recorder = await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            # Cancelled while marking the session PROCESSING: finish that, then end the run.
+            started = await starting
+            if started is not None and (stopping is None or not stopping()):
+                await started.cancelled()
+            raise
         if recorder is None:
             return
         structlog.contextvars.bind_contextvars(session_id=str(session_id))
         usage = Usage()
         try:
             await self._run(recorder, usage)
+        except SessionEnded:
+            log.info("session ended elsewhere; stopping its run")
         except asyncio.CancelledError:
             if stopping is None or not stopping():
                 await asyncio.shield(recorder.cancelled(usage=usage_json(usage)))

@@ -154,6 +154,10 @@ class SessionService:
                 error_message=None,
                 completed_at=None,
                 from_cache=False,
+                generated_code=None,
+                timeline=None,
+                code_check=None,
+                usage=None,
             )
         if not moved:
             raise Conflict("The session changed meanwhile; read it again.")

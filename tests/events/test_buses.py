@@ -15,8 +15,9 @@ from mora_graphql.events.bus import EventBus, MemoryEventBus
 from mora_graphql.events.redis_bus import RedisEventBus
 from mora_graphql.events.stream import Snapshot, follow_session
 from mora_graphql.events.types import EventKind, SessionEvent
-from mora_graphql.models import Platform, User, VideoSession
+from mora_graphql.models import Platform, SessionStatus, User, VideoSession
 from mora_graphql.pipeline.recorder import SessionRecorder
+from mora_graphql.sessions.repository import SessionRepository
 from tests.conftest import make_settings
 
 
@@ -201,3 +202,37 @@ async def test_redis_reconnect_loses_nothing(db: Database, redis_url: str) -> No
             await bus.close()
         for client in clients:
             await client.aclose()
+
+
+async def test_terminal_row_ends_the_stream_even_without_its_event(db: Database) -> None:
+    """The terminal write committed but its event never reached the bus (bus outage, or the
+    process died between the two): followers still end, with the stored terminal state."""
+    bus = MemoryEventBus()
+    session_id = await new_session(db)
+    recorder = await SessionRecorder.begin(db, bus, session_id, checkpoint_interval=0)
+    assert recorder is not None
+    await recorder.code_delta("print(1)\n")
+    follower = asyncio.create_task(consume(db, bus, session_id))
+    await asyncio.sleep(0.1)
+    async with transaction(db) as session:
+        await SessionRepository(session).update_fields(
+            session_id, status=SessionStatus.COMPLETED, last_seq=recorder.seq + 1
+        )
+    items = await asyncio.wait_for(follower, 5)
+    seqs = [item.seq for item in items]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    last = items[-1]
+    assert isinstance(last, SessionEvent)
+    assert last.kind is EventKind.COMPLETED
+    await bus.close()
+
+
+async def test_replay_refuses_a_seq_the_bus_never_reached(
+    db: Database, buses: tuple[EventBus, EventBus, list[Any]]
+) -> None:
+    publisher, _, _ = buses
+    session_id = await new_session(db)
+    await produce(db, publisher, session_id, deltas=2, pause=0)
+    last = await publisher.last_seq(session_id)
+    assert await publisher.replay(session_id, last) == []
+    assert await publisher.replay(session_id, last + 5) is None

@@ -559,3 +559,40 @@ async def test_subscribers_with_one_document_share_each_execution(
     live_events = len(runs[0]) - 1
     assert executed + shared == live_events * len(runs)
     assert executed <= live_events + 2
+
+
+async def test_retry_discards_the_failed_runs_code(
+    live: LiveServer, openai_server: FakeOpenAI
+) -> None:
+    broken = "def broken(:\n    pass\n"
+    openai_server.enqueue(Stream(content_chunks=chunks(broken)), Fail(401))
+    token = await live.register()
+    session_id = await start(live, token, subtitles=SRT)
+    failed = await wait_terminal(live, token, session_id)
+    assert failed["status"] == "ERROR"
+    assert failed["generatedCode"].strip() == broken.strip()
+    seen = await collect(live.ws_url, TRANSPORT_WS, token, PROGRESS, {"id": session_id})
+    code_before = rebuild_code(seen)
+    assert code_before == failed["generatedCode"]
+
+    openai_server.enqueue(code_stream(delay=0.02), JSON(json.dumps(TIMELINE)))
+    retried = await live.gql(
+        "mutation($id: ID!) { retrySession(id: $id) { status generatedCode } }",
+        {"id": session_id},
+        token,
+    )
+    assert retried["data"]["retrySession"]["generatedCode"] is None
+    resumed = await collect(
+        live.ws_url, TRANSPORT_WS, token, PROGRESS, {"id": session_id, "after": seen[-1]["seq"]}
+    )
+    names = [e["__typename"] for e in resumed]
+    assert names.index("CodeReset") < names.index("CodeDelta")
+    code = code_before
+    for event in resumed:
+        if event["__typename"] == "CodeReset":
+            code = ""
+        elif event["__typename"] == "CodeDelta":
+            code += event["text"]
+    final = await wait_terminal(live, token, session_id)
+    assert code == final["generatedCode"]
+    assert final["generatedCode"].strip() == CODE.strip()
