@@ -13,7 +13,6 @@ from mora_graphql.models import PipelineStage, SessionStatus
 
 
 class EventKind(enum.StrEnum):
-    SNAPSHOT = "SNAPSHOT"
     STATUS_CHANGED = "STATUS_CHANGED"
     THOUGHT_DELTA = "THOUGHT_DELTA"
     CODE_DELTA = "CODE_DELTA"

@@ -47,7 +47,6 @@ class SessionRecorder:
         self.code = ""
         self.code_started = False
         self._last_checkpoint = time.monotonic()
-        self._checkpointed_seq = seq
 
     @classmethod
     async def begin(
@@ -188,7 +187,6 @@ class SessionRecorder:
             active = await SessionRepository(session).update_if_active(self.session_id, **values)
         if not active:
             raise SessionEnded(self.session_id)
-        self._checkpointed_seq = self.seq
 
     async def _finish(
         self, kind: EventKind, status: SessionStatus, payload: str | None, **fields: Any
