@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tests.fakes.server import ServerThread
+from tests.fakes.server import FakeService
 
 API_KEY = "bibi-test-key-0123456789"
 
@@ -87,14 +87,13 @@ class BibiRequest:
         return self.params.get("url")
 
 
-class FakeBibiGPT:
+class FakeBibiGPT(FakeService):
     def __init__(self, *, api_key: str = API_KEY) -> None:
         self.api_key = api_key
         self.default: BibiScript = BibiFail("fake BibiGPT: no script for this URL")
         self._lock = threading.Lock()
         self._scripts: dict[str, deque[BibiScript]] = {}
         self._requests: list[BibiRequest] = []
-        self._server: ServerThread | None = None
         self.app = Starlette(
             routes=[Route("/api/v1/getSubtitle", self._get_subtitle, methods=["GET"])]
         )
@@ -116,29 +115,8 @@ class FakeBibiGPT:
             return list(self._requests)
 
     @property
-    def url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("the fake BibiGPT server is not running")
-        return self._server.url
-
-    @property
     def api_url(self) -> str:
         return self.url + "/api"
-
-    def start(self) -> FakeBibiGPT:
-        self._server = ServerThread(self.app).start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
-
-    def __enter__(self) -> FakeBibiGPT:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     async def _get_subtitle(self, request: Request) -> Response:
         params = dict(request.query_params)

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tests.fakes.server import AbruptDisconnect, ServerThread
+from tests.fakes.server import AbruptDisconnect, FakeService
 
 MODEL = "deepseek-v4-flash"
 
@@ -149,7 +149,7 @@ def reply_with(body: dict[str, Any], text: str, *, chunk_size: int = 16) -> Scri
     return JSON(text)
 
 
-class FakeOpenAI:
+class FakeOpenAI(FakeService):
     """Owns the script FIFO and the request log; `app` is the ASGI app to serve."""
 
     def __init__(self, *, api_key: str | None = None, model: str = MODEL) -> None:
@@ -159,7 +159,6 @@ class FakeOpenAI:
         self._lock = threading.Lock()
         self._scripts: deque[Script] = deque()
         self._requests: list[RecordedRequest] = []
-        self._server: ServerThread | None = None
         route = Route("/chat/completions", self._chat, methods=["POST"])
         route_v1 = Route("/v1/chat/completions", self._chat, methods=["POST"])
         self.app = Starlette(routes=[route, route_v1])
@@ -186,29 +185,7 @@ class FakeOpenAI:
         with self._lock:
             return list(self._requests)
 
-    @property
-    def url(self) -> str:
-        """Base URL for `AsyncOpenAI(base_url=...)` / `DEEPSEEK_API_URL`."""
-        if self._server is None:
-            raise RuntimeError("the fake OpenAI server is not running")
-        return self._server.url
-
     # -- lifecycle --------------------------------------------------------------------
-
-    def start(self) -> FakeOpenAI:
-        self._server = ServerThread(self.app).start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
-
-    def __enter__(self) -> FakeOpenAI:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- HTTP -------------------------------------------------------------------------
 

@@ -125,3 +125,31 @@ class ServerThread:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class FakeService:
+    """A local stand-in for an external API: subclasses set `self.app` and keep their state."""
+
+    app: ASGIApp
+    _server: ServerThread | None = None
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RuntimeError(f"{type(self).__name__} is not running")
+        return self._server.url
+
+    def start(self) -> Self:
+        self._server = ServerThread(self.app).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

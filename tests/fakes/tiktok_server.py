@@ -22,7 +22,7 @@ from starlette.routing import Route
 from yt_dlp import YoutubeDL
 from yt_dlp.networking import Request as YdlRequest
 
-from tests.fakes.server import ServerThread
+from tests.fakes.server import FakeService
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 USER = "codewithmora"
@@ -44,12 +44,11 @@ def zh_vtt() -> str:
     return (FIXTURES / "flask_todo_zh.vtt").read_text()
 
 
-class FakeTikTok:
+class FakeTikTok(FakeService):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._videos: dict[str, TikTokVideo] = {}
         self.requests: list[str] = []
-        self._server: ServerThread | None = None
         self.app = Starlette(
             routes=[
                 Route("/@{user}/video/{vid}", self._page),
@@ -66,20 +65,6 @@ class FakeTikTok:
         with self._lock:
             self._videos.clear()
             self.requests.clear()
-
-    def start(self) -> FakeTikTok:
-        self._server = ServerThread(self.app).start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        return self._server.url
 
     def ydl_factory(self) -> type[YoutubeDL]:
         netloc = urlsplit(self.url).netloc

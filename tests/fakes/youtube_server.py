@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from tests.fakes.server import ServerThread
+from tests.fakes.server import FakeService
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 API_KEY = "AIzaSyA8eiZmM1FaDVjRy-df2KTyQ_vz_yYM39w"
@@ -62,12 +62,11 @@ def english_fixture() -> str:
     return (FIXTURES / "python_csv_en.timedtext.xml").read_text()
 
 
-class FakeYouTube:
+class FakeYouTube(FakeService):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._videos: dict[str, YouTubeVideo] = {}
         self.requests: list[str] = []
-        self._server: ServerThread | None = None
         self.app = Starlette(
             routes=[
                 Route("/watch", self._watch, methods=["GET"]),
@@ -84,20 +83,6 @@ class FakeYouTube:
         with self._lock:
             self._videos.clear()
             self.requests.clear()
-
-    def start(self) -> FakeYouTube:
-        self._server = ServerThread(self.app).start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        return self._server.url
 
     def local_session(self) -> requests.Session:
         session = requests.Session()
