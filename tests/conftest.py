@@ -154,6 +154,18 @@ class LiveServer:
         assert response.status_code == 200, response.text
         return response.json()  # type: ignore[no-any-return]
 
+    async def wait_terminal(
+        self, query: str, token: str, session_id: str, limit: float = 20
+    ) -> dict[str, Any]:
+        """Poll `query` (which reads `session(id: $id) { status ... }`) until the session ends."""
+        deadline = asyncio.get_running_loop().time() + limit
+        while True:
+            session = (await self.gql(query, {"id": session_id}, token))["data"]["session"]
+            if session["status"] in {"COMPLETED", "ERROR", "CANCELLED"}:
+                return session  # type: ignore[no-any-return]
+            assert asyncio.get_running_loop().time() < deadline, session
+            await asyncio.sleep(0.03)
+
     async def register(self, email: str | None = None, password: str = "correct horse") -> str:
         email = email or f"user-{uuid.uuid4().hex[:8]}@example.com"
         result = await self.gql(

@@ -121,13 +121,7 @@ async def create(live: LiveServer, token: str, **fields: Any) -> str:
 async def finished(
     live: LiveServer, token: str, session_id: str, limit: float = 20
 ) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + limit
-    while True:
-        session = (await live.gql(GET, {"id": session_id}, token))["data"]["session"]
-        if session["status"] in {"COMPLETED", "ERROR", "CANCELLED"}:
-            return session  # type: ignore[no-any-return]
-        assert asyncio.get_running_loop().time() < deadline, session
-        await asyncio.sleep(0.03)
+    return await live.wait_terminal(GET, token, session_id, limit)
 
 
 async def test_keyless_youtube_ten_url_forms_one_llm_run(

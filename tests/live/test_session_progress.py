@@ -119,16 +119,8 @@ async def start(live: LiveServer, token: str, **fields: Any) -> str:
     return str(result["data"]["createSession"]["id"])
 
 
-async def wait_terminal(
-    live: LiveServer, token: str, session_id: str, limit: float = 15
-) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + limit
-    while True:
-        session = (await live.gql(GET, {"id": session_id}, token))["data"]["session"]
-        if session["status"] in {"COMPLETED", "ERROR", "CANCELLED"}:
-            return session  # type: ignore[no-any-return]
-        assert asyncio.get_running_loop().time() < deadline, session
-        await asyncio.sleep(0.05)
+async def wait_terminal(live: LiveServer, token: str, session_id: str) -> dict[str, Any]:
+    return await live.wait_terminal(GET, token, session_id)
 
 
 def assert_sequence(events: list[dict[str, Any]]) -> None:
