@@ -13,11 +13,13 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from mora_graphql.app import Services, create_app
+from mora_graphql.cache import Cache, MemoryCache, RedisCache
 from mora_graphql.config import Settings
 from mora_graphql.migrate import upgrade_database
 
@@ -94,6 +96,17 @@ def redis_url() -> str:
     finally:
         client.close()
     return TEST_REDIS_URL
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def cache(request: pytest.FixtureRequest) -> AsyncIterator[Cache]:
+    """The cache on both backends (Redis: TEST_REDIS_URL)."""
+    if request.param == "memory":
+        yield MemoryCache()
+        return
+    client = Redis.from_url(request.getfixturevalue("redis_url"))
+    yield RedisCache(client)
+    await client.aclose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

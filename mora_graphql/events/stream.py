@@ -106,7 +106,7 @@ async def _follow(
         if row.status.is_terminal and last >= row.last_seq:
             return
     else:
-        async for item in _snapshot(row):
+        for item in _snapshot(row):
             yield item
         if row.status.is_terminal:
             return
@@ -135,12 +135,11 @@ def _is_end(item: Snapshot | SessionEvent) -> bool:
     return isinstance(item, SessionEvent) and item.is_terminal
 
 
-async def _snapshot(row: VideoSession) -> AsyncIterator[Snapshot | SessionEvent]:
+def _snapshot(row: VideoSession) -> list[Snapshot | SessionEvent]:
+    """The stored state; a finished session's snapshot is followed by its terminal event."""
     if row.status.is_terminal:
-        yield Snapshot(max(row.last_seq - 1, 0), row, utcnow())
-        yield terminal_event(row)
-    else:
-        yield Snapshot(row.last_seq, row, utcnow())
+        return [Snapshot(max(row.last_seq - 1, 0), row, utcnow()), terminal_event(row)]
+    return [Snapshot(row.last_seq, row, utcnow())]
 
 
 async def _catch_up(
@@ -164,7 +163,7 @@ async def _catch_up(
             return
     row = await _load(db, session_id, owner_id)
     if events is None:
-        async for item in _snapshot(row):
+        for item in _snapshot(row):
             if item.seq > last:
                 yield item, item.seq
                 last = item.seq
@@ -180,7 +179,7 @@ async def _catch_up(
             if event.is_terminal:
                 return
     if row.last_seq > last + 1:
-        async for item in _snapshot(row):
+        for item in _snapshot(row):
             yield item, item.seq
     elif row.last_seq == last + 1:
         yield terminal_event(row), row.last_seq

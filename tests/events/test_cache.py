@@ -3,22 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
-import pytest
 from redis.asyncio import Redis
 
 from mora_graphql.cache import Cache, MemoryCache, RedisCache
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def cache(request: pytest.FixtureRequest) -> AsyncIterator[Cache]:
-    if request.param == "memory":
-        yield MemoryCache()
-        return
-    client = Redis.from_url(request.getfixturevalue("redis_url"))
-    yield RedisCache(client)
-    await client.aclose()
 
 
 async def test_get_set_add_delete_and_expiry(cache: Cache) -> None:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from redis.asyncio import Redis
 
-from mora_graphql.cache import Cache, MemoryCache, RedisCache
+from mora_graphql.cache import Cache
 from mora_graphql.models import Platform
 from mora_graphql.pipeline.caching import PREFIX, CachedResult, PipelineCache, result_key
 from mora_graphql.pipeline.transcript import estimate_tokens, fit_lines
@@ -22,16 +20,6 @@ TRANSCRIPT = Transcript(
     (SubtitleLine(0, 8, "we load the csv"), SubtitleLine(8, 20, "then average")),
     "youtube",
 )
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def cache(request: pytest.FixtureRequest) -> AsyncIterator[Cache]:
-    if request.param == "memory":
-        yield MemoryCache()
-        return
-    client = Redis.from_url(request.getfixturevalue("redis_url"))
-    yield RedisCache(client)
-    await client.aclose()
 
 
 def pipeline_cache(cache: Cache, **overrides: object) -> PipelineCache:
