@@ -2,19 +2,29 @@
 
 The SDK's own retries are off (`max_retries=0`): callers retry with `with_retries`,
 which only retries errors whose `retryable` is True.
+
+Streamed answers go through the SDK's client (base URL, auth, timeouts, status errors) but
+their server-sent events are decoded here, with orjson into plain dicts: building the SDK's
+pydantic chunk models was most of the client's CPU per streamed token (`bench/llm_chunks.py`).
+Transport failures and `error` objects inside the stream are raised as the SDK's own
+exception types, so `_translate` maps every failure in one place.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+import ssl
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeGuard, cast
 
+import anyio
 import httpx
 import httpx2
 import openai
-from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
+import orjson
+from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 from openai.types.completion_usage import CompletionUsage
 
 from mora_graphql.config import Settings
@@ -31,6 +41,18 @@ _STATUS_MESSAGES: dict[int, tuple[str, bool]] = {
 }
 _SECRETISH = re.compile(r"\b(?:sk|pk|key)-[A-Za-z0-9_\-*]{6,}", re.IGNORECASE)
 _MAX_DETAIL = 300
+# What the SDK's own stream iterator maps to APITimeoutError / APIConnectionError while it
+# reads the body (legacy httpx included, since callers may pass an httpx client).
+_TIMEOUT_ERRORS: tuple[type[Exception], ...] = (httpx2.TimeoutException, httpx.TimeoutException)
+_TRANSPORT_ERRORS: tuple[type[Exception], ...] = (
+    httpx2.RequestError,
+    httpx.RequestError,
+    ssl.SSLError,
+    anyio.EndOfStream,
+)
+# After `[DONE]`, how long the rest of an HTTP/1.1 body may take to arrive, so that the
+# connection goes back to the pool instead of being closed.
+_DRAIN_TIMEOUT = 0.1
 
 
 @dataclass(frozen=True)
@@ -144,7 +166,8 @@ class LLMClient:
         client = self._openai()
         finish_reason: str | None = None
         try:
-            stream = await client.chat.completions.create(
+            # The raw response: the SDK still sends the request and raises status errors.
+            request = client.chat.completions.with_streaming_response.create(
                 model=self.model,
                 messages=cast(list[ChatCompletionMessageParam], messages),
                 stream=True,
@@ -152,10 +175,20 @@ class LLMClient:
                 temperature=self._settings.deepseek_temperature,
                 max_tokens=max_tokens or self._settings.llm_max_output_tokens,
             )
-            async with stream:
-                async for chunk in stream:
-                    if chunk.usage is not None and usage is not None:
-                        _record_usage(usage, chunk.usage)
+            async with (
+                request as response,
+                aclosing(_sse_data(response.http_response)) as events,
+            ):
+                async for payload in events:
+                    chunk = orjson.loads(payload)
+                    if not isinstance(chunk, dict):
+                        raise ValueError("a stream event is not a JSON object")
+                    error = chunk.get("error")
+                    if error:
+                        raise _stream_error(error, response.http_response.request)
+                    reported = chunk.get("usage")
+                    if usage is not None and isinstance(reported, dict):
+                        _record_usage(usage, reported)
                     for text_chunk, reason in _chunk_parts(chunk):
                         if reason is not None:
                             finish_reason = reason
@@ -168,7 +201,7 @@ class LLMClient:
                 raise self._translate(exc) from None
         except openai.OpenAIError as exc:
             raise self._translate(exc) from None
-        except ValueError as exc:  # malformed SSE data (json.JSONDecodeError)
+        except ValueError as exc:  # malformed SSE data (orjson.JSONDecodeError)
             raise LLMError("the LLM API sent malformed stream data", retryable=True) from exc
         if finish_reason is None:
             raise LLMError(
@@ -268,32 +301,140 @@ class LLMClient:
         return _SECRETISH.sub("***", text)
 
 
-def _chunk_parts(chunk: ChatCompletionChunk) -> list[tuple[LLMChunk | None, str | None]]:
+async def _sse_data(response: httpx2.Response) -> AsyncGenerator[bytes, None]:
+    """The `data` of each server-sent event up to `[DONE]`; transport failures while reading
+    are raised as the SDK's APITimeoutError / APIConnectionError, as its own stream does."""
+    decoder = _SSEDecoder()
+    body = response.aiter_bytes()
+    try:
+        async with aclosing(body):
+            async for raw in body:
+                for data in decoder.feed(raw):
+                    if data.startswith(b"[DONE]"):
+                        if response.http_version == "HTTP/1.1":
+                            await _drain(body)
+                        return
+                    yield data
+    except _TIMEOUT_ERRORS as exc:
+        raise openai.APITimeoutError(request=response.request) from exc
+    except _TRANSPORT_ERRORS as exc:
+        raise openai.APIConnectionError(request=response.request) from exc
+
+
+async def _drain(body: AsyncIterator[bytes]) -> None:
+    """Read what follows `[DONE]` (normally just the end of the chunked body), briefly."""
+    try:
+        with anyio.move_on_after(_DRAIN_TIMEOUT):
+            async for _ in body:
+                pass
+    except _TRANSPORT_ERRORS:
+        pass  # the answer is complete; the connection is simply not reused
+
+
+class _SSEDecoder:
+    """Incremental server-sent events decoder: bytes in, each complete event's data out.
+
+    Lines end with LF, CRLF or CR, even when a CRLF is split between two reads; comments
+    (`: keep-alive`) and the `event`, `id` and `retry` fields are ignored; several `data`
+    lines of one event are joined with LF; an event without data, or one cut off by the end
+    of the body, is not dispatched (the WHATWG event-stream rules).
+    """
+
+    __slots__ = ("_data", "_partial", "_skip_lf")
+
+    def __init__(self) -> None:
+        self._partial = bytearray()  # the unterminated last line so far
+        self._data: list[bytes] = []  # the data lines of the event being read
+        self._skip_lf = False  # the previous read ended with CR
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        if self._skip_lf and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+        if b"\r" in chunk:
+            self._skip_lf = chunk.endswith(b"\r")
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        else:
+            self._skip_lf = False
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            self._partial += chunk
+            return []
+        if self._partial:
+            self._partial += chunk[:end]
+            block = bytes(self._partial)
+            self._partial = bytearray(chunk[end + 1 :])
+        else:
+            block = chunk[:end]
+            self._partial += chunk[end + 1 :]
+        events: list[bytes] = []
+        data = self._data
+        for line in block.split(b"\n"):
+            if line.startswith(b"data:"):
+                data.append(line[6:] if line[5:6] == b" " else line[5:])
+            elif line == b"data":  # a field without a colon has an empty value
+                data.append(b"")
+            elif not line and data:  # a blank line ends the event
+                events.append(data[0] if len(data) == 1 else b"\n".join(data))
+                data.clear()
+            # anything else is a comment, an unused field or a blank line after no data
+        return events
+
+
+def _stream_error(error: object, request: httpx2.Request) -> openai.APIError:
+    """An `{"error": {...}}` event inside a successful stream, as the SDK reports it."""
+    message = error.get("message") if isinstance(error, dict) else None
+    if not isinstance(message, str) or not message:
+        message = "An error occurred during streaming"
+    return openai.APIError(message, request, body=error)
+
+
+def _chunk_parts(chunk: dict[str, Any]) -> list[tuple[LLMChunk | None, str | None]]:
     parts: list[tuple[LLMChunk | None, str | None]] = []
-    for choice in chunk.choices:
-        if choice.index != 0:
+    choices = chunk.get("choices")
+    if not isinstance(choices, list):
+        return parts
+    for choice in choices:
+        if not isinstance(choice, dict) or choice.get("index", 0) != 0:
             continue
-        delta = choice.delta
-        reasoning = getattr(delta, "reasoning_content", None)
-        if isinstance(reasoning, str) and reasoning:
-            parts.append((LLMChunk("reasoning", reasoning), None))
-        if delta.content:
-            parts.append((LLMChunk("content", delta.content), None))
-        if choice.finish_reason is not None:
-            parts.append((None, choice.finish_reason))
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            reasoning = delta.get("reasoning_content")
+            if isinstance(reasoning, str) and reasoning:
+                parts.append((LLMChunk("reasoning", reasoning), None))
+            content = delta.get("content")
+            if isinstance(content, str) and content:
+                parts.append((LLMChunk("content", content), None))
+        reason = choice.get("finish_reason")
+        if isinstance(reason, str):
+            parts.append((None, reason))
     return parts
 
 
-def _record_usage(usage: Usage, reported: CompletionUsage) -> None:
-    cached = getattr(reported, "prompt_cache_hit_tokens", None)  # DeepSeek
-    if not isinstance(cached, int):
-        details = reported.prompt_tokens_details
-        cached = details.cached_tokens if details is not None else None
+def _record_usage(usage: Usage, reported: CompletionUsage | Mapping[str, Any]) -> None:
+    """Add one reported usage: a streamed chunk's `usage` object or a completion's model."""
+    if isinstance(reported, Mapping):
+        prompt = reported.get("prompt_tokens")
+        completion = reported.get("completion_tokens")
+        cached = reported.get("prompt_cache_hit_tokens")  # DeepSeek
+        details = reported.get("prompt_tokens_details")
+        if not _is_count(cached) and isinstance(details, Mapping):
+            cached = details.get("cached_tokens")
+    else:
+        prompt = reported.prompt_tokens
+        completion = reported.completion_tokens
+        cached = getattr(reported, "prompt_cache_hit_tokens", None)  # DeepSeek
+        model_details = reported.prompt_tokens_details
+        if not _is_count(cached) and model_details is not None:
+            cached = model_details.cached_tokens
     usage.add(
-        prompt_tokens=reported.prompt_tokens or 0,
-        completion_tokens=reported.completion_tokens or 0,
-        cached_tokens=cached if isinstance(cached, int) else 0,
+        prompt_tokens=prompt if _is_count(prompt) else 0,
+        completion_tokens=completion if _is_count(completion) else 0,
+        cached_tokens=cached if _is_count(cached) else 0,
     )
+
+
+def _is_count(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _retry_after(headers: httpx2.Headers | httpx.Headers) -> float | None:

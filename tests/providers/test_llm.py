@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import asyncio
 import gc
+import itertools
 import json
 import socket
 import time
@@ -391,6 +393,7 @@ async def test_stalled_stream_times_out(
     with pytest.raises(LLMError) as info:
         await collect(client)
     assert info.value.retryable
+    assert "did not answer within 0.2s" in info.value.message
 
 
 async def test_connection_refused_is_retryable() -> None:
@@ -479,3 +482,386 @@ async def test_connection_lost_after_finish_keeps_the_answer(
     assert "".join(c.text for c in chunks) == "all there"
     assert usage == Usage(calls=1)  # the usage chunk was lost with the trailer
     gc.collect()
+
+
+# -- the SSE wire format, byte for byte -------------------------------------------------------
+#
+# A bare HTTP/1.1 server on a real socket that answers each request with a scripted body,
+# one TCP write per piece, so that the client sees exactly the splits a real network makes:
+# inside a line, inside a UTF-8 character, between the CR and LF of a line end.
+
+
+class RawSSEServer:
+    def __init__(self) -> None:
+        self.scripts: list[RawReply] = []
+        self.requests: list[dict[str, Any]] = []
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while True:  # HTTP/1.1 keep-alive: one request after another
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    return
+                length = 0
+                for line in head.decode("latin-1").split("\r\n"):
+                    name, _, value = line.partition(":")
+                    if name.lower() == "content-length":
+                        length = int(value)
+                self.requests.append(json.loads(await reader.readexactly(length)))
+                reply = self.scripts.pop(0)
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n"
+                )
+                for piece in reply.pieces:
+                    writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    await writer.drain()
+                    await asyncio.sleep(0.002)  # its own TCP segment
+                if reply.cut:
+                    writer.transport.abort()
+                    return
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+
+class RawReply:
+    def __init__(self, body: bytes | list[bytes], *, cut: bool = False) -> None:
+        self.pieces = body if isinstance(body, list) else [body]
+        self.cut = cut
+
+
+@pytest.fixture
+async def raw_sse() -> AsyncIterator[RawSSEServer]:
+    server = RawSSEServer()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def raw_llm(raw_sse: RawSSEServer) -> AsyncIterator[LLMClient]:
+    client = LLMClient(make_settings(raw_sse.url))
+    yield client
+    await client.aclose()
+
+
+def event(payload: object, *, eol: bytes = b"\n") -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + eol + eol
+
+
+def delta(content: str | None = None, reasoning: str | None = None, **extra: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {"content": content}
+    if reasoning is not None:
+        fields["reasoning_content"] = reasoning
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "deepseek-test-model",
+        "choices": [{"index": 0, "delta": fields, "logprobs": None, "finish_reason": None}],
+        **extra,
+    }
+
+
+def finish(reason: str = "stop", **extra: Any) -> dict[str, Any]:
+    chunk = delta()
+    chunk["choices"][0]["delta"] = {}
+    chunk["choices"][0]["finish_reason"] = reason
+    chunk.update(extra)
+    return chunk
+
+
+USAGE = {
+    "prompt_tokens": 12,
+    "completion_tokens": 4,
+    "total_tokens": 16,
+    "prompt_cache_hit_tokens": 8,
+    "prompt_cache_miss_tokens": 4,
+}
+
+
+def usage_chunk(usage: dict[str, Any] | None = None) -> dict[str, Any]:
+    chunk = delta()
+    chunk["choices"] = []
+    chunk["usage"] = usage or USAGE
+    return chunk
+
+
+async def collect_until_error(client: LLMClient) -> tuple[list[LLMChunk], LLMError]:
+    received: list[LLMChunk] = []
+
+    async def consume() -> None:
+        async for chunk in client.stream_chat(MESSAGES):
+            received.append(chunk)
+
+    with pytest.raises(LLMError) as info:
+        await consume()
+    return received, info.value
+
+
+def split_at(body: bytes, cuts: list[int]) -> list[bytes]:
+    bounds = [0, *sorted(set(cuts)), len(body)]
+    return [body[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
+async def test_raw_stream_split_across_tcp_writes(
+    raw_llm: LLMClient, raw_sse: RawSSEServer, eol: bytes
+) -> None:
+    body = b"".join(
+        [
+            event(delta(reasoning="思考 "), eol=eol),
+            event(delta("print('你好')\n"), eol=eol),
+            event(delta("print(2)"), eol=eol),
+            event(finish(), eol=eol),
+            event(usage_chunk(), eol=eol),
+            b"data: [DONE]" + eol + eol,
+        ]
+    )
+    cuts = [i + 1 for i, byte in enumerate(body) if byte == 0x0D]  # between CR and LF
+    cuts += [body.index("你".encode()) + 1, body.index(b"ata: {") + 2]  # mid-character, mid-field
+    cuts += [body.index(b'"print(2)"') + 4, body.index(b"[DONE]") + 3]  # mid-JSON, mid-[DONE]
+    raw_sse.scripts.append(RawReply(split_at(body, cuts)))
+    usage = Usage()
+    assert await collect(raw_llm, usage=usage) == [
+        LLMChunk("reasoning", "思考 "),
+        LLMChunk("content", "print('你好')\n"),
+        LLMChunk("content", "print(2)"),
+    ]
+    assert usage == Usage(prompt_tokens=12, completion_tokens=4, cached_tokens=8, calls=1)
+    (request,) = raw_sse.requests
+    assert request["stream"] is True
+    assert request["stream_options"] == {"include_usage": True}
+
+
+async def test_raw_stream_one_byte_per_write(raw_llm: LLMClient, raw_sse: RawSSEServer) -> None:
+    body = event(delta("ab")) + event(finish()) + b"data: [DONE]\r\n\r\n"
+    raw_sse.scripts.append(RawReply([body[i : i + 1] for i in range(len(body))]))
+    assert await collect(raw_llm) == [LLMChunk("content", "ab")]
+
+
+async def test_raw_keepalive_comments_and_unused_fields_are_skipped(
+    raw_llm: LLMClient, raw_sse: RawSSEServer
+) -> None:
+    body = b"".join(
+        [
+            b": ping\n\n",
+            b":\n\n",
+            b": keep-alive\r\n\r\n",
+            b"event: ping\n\n",  # an event with no data is not dispatched
+            b"retry: 3000\n\n",
+            b"event: message\nid: 7\n" + event(delta("a")),
+            b": ping\n\n",
+            b"\n\n\n",
+            event(delta("b")),
+            event(finish()),
+            b": ping\n\n",
+            b"data: [DONE]\n\n",
+        ]
+    )
+    raw_sse.scripts.append(RawReply([body[:9], body[9:40], body[40:]]))
+    assert await collect(raw_llm) == [LLMChunk("content", "a"), LLMChunk("content", "b")]
+
+
+async def test_raw_several_events_in_one_write_and_multiline_data(
+    raw_llm: LLMClient, raw_sse: RawSSEServer
+) -> None:
+    multiline = json.dumps(delta("c"), indent=1).encode().replace(b"\n", b"\ndata:")
+    body = (
+        event(delta("a"))
+        + event(delta("b"))
+        + b"data:"
+        + multiline
+        + b"\n\n"
+        + event(finish())
+        + b"data: [DONE]\n\n"
+    )
+    raw_sse.scripts.append(RawReply(body))
+    assert await collect(raw_llm) == [LLMChunk(kind="content", text=t) for t in "abc"]
+
+
+async def test_raw_reasoning_content_and_null_fields(
+    raw_llm: LLMClient, raw_sse: RawSSEServer
+) -> None:
+    both = delta("code", reasoning="thought")
+    other_choice = delta("ignored")
+    other_choice["choices"][0]["index"] = 1
+    body = b"".join(
+        [
+            event(delta(None, reasoning="Let me ")),
+            event(delta("", reasoning="think.")),
+            event(delta(None, reasoning="")),
+            event(delta(None, usage=None)),
+            event(both),  # reasoning is yielded before the content of the same delta
+            event(other_choice),
+            event(delta("!")),
+            event(finish()),
+            b"data: [DONE]\n\n",
+        ]
+    )
+    raw_sse.scripts.append(RawReply(body))
+    usage = Usage()
+    assert await collect(raw_llm, usage=usage) == [
+        LLMChunk("reasoning", "Let me "),
+        LLMChunk("reasoning", "think."),
+        LLMChunk("reasoning", "thought"),
+        LLMChunk("content", "code"),
+        LLMChunk("content", "!"),
+    ]
+    assert usage == Usage(calls=1)
+
+
+@pytest.mark.parametrize(
+    "trailer",
+    [
+        event(finish()) + b"data: [DONE]\n\n",  # no usage chunk at all
+        event(finish()),  # neither usage nor [DONE]
+        event(finish(usage=None)) + event(usage_chunk({"prompt_tokens": None})),
+    ],
+    ids=["no-usage", "no-usage-no-done", "null-usage-fields"],
+)
+async def test_raw_missing_usage(raw_llm: LLMClient, raw_sse: RawSSEServer, trailer: bytes) -> None:
+    raw_sse.scripts.append(RawReply(event(delta("x")) + trailer))
+    usage = Usage()
+    assert await collect(raw_llm, usage=usage) == [LLMChunk("content", "x")]
+    assert usage == Usage(calls=1)
+
+
+async def test_raw_usage_in_the_finish_chunk_and_openai_cache_field(
+    raw_llm: LLMClient, raw_sse: RawSSEServer
+) -> None:
+    openai_usage = {
+        "prompt_tokens": 30,
+        "completion_tokens": 3,
+        "prompt_tokens_details": {"cached_tokens": 20},
+    }
+    raw_sse.scripts.append(
+        RawReply(event(delta("x")) + event(finish(usage=openai_usage)) + b"data: [DONE]\n\n")
+    )
+    usage = Usage()
+    await collect(raw_llm, usage=usage)
+    assert usage == Usage(prompt_tokens=30, completion_tokens=3, cached_tokens=20, calls=1)
+
+
+async def test_raw_error_object_mid_stream(raw_llm: LLMClient, raw_sse: RawSSEServer) -> None:
+    error_event = {
+        "error": {
+            "message": f"Engine overloaded for key {OPENAI_TEST_KEY}",
+            "type": "server_error",
+            "code": "overloaded",
+        }
+    }
+    raw_sse.scripts.append(RawReply([event(delta("a")), event(error_event), event(delta("never"))]))
+    received, error = await collect_until_error(raw_llm)
+    assert received == [LLMChunk("content", "a")]
+    assert error.retryable
+    assert error.status is None
+    assert error.message == (
+        "the LLM API reported an error mid-stream: Engine overloaded for key ***"
+    )
+    assert OPENAI_TEST_KEY not in repr(error)
+
+
+async def test_raw_error_object_without_message(raw_llm: LLMClient, raw_sse: RawSSEServer) -> None:
+    raw_sse.scripts.append(RawReply(event({"error": {"code": 500}})))
+    with pytest.raises(LLMError) as info:
+        await collect(raw_llm)
+    assert info.value.retryable
+    assert info.value.message == "the LLM API reported an error mid-stream"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [b'data: {"choices": [\n\n', b"data: 42\n\n", b"data:\n\n", b"data\n\n"],
+    ids=["truncated-json", "not-an-object", "empty-data", "field-without-colon"],
+)
+async def test_raw_malformed_event_is_retryable(
+    raw_llm: LLMClient, raw_sse: RawSSEServer, bad: bytes
+) -> None:
+    raw_sse.scripts.append(RawReply(event(delta("a")) + bad + event(finish())))
+    with pytest.raises(LLMError) as info:
+        await collect(raw_llm)
+    assert info.value.retryable
+    assert info.value.message == "the LLM API sent malformed stream data"
+
+
+async def test_raw_event_cut_by_the_end_of_the_body_is_not_dispatched(
+    raw_llm: LLMClient, raw_sse: RawSSEServer
+) -> None:
+    # The finish chunk lacks its terminating blank line: the answer is incomplete.
+    raw_sse.scripts.append(RawReply(event(delta("a")) + event(finish())[:-1]))
+    with pytest.raises(LLMError) as info:
+        await collect(raw_llm)
+    assert info.value.retryable
+    assert "ended before the answer was complete" in info.value.message
+
+
+async def test_raw_connection_cut_inside_an_event(
+    raw_llm: LLMClient, raw_sse: RawSSEServer
+) -> None:
+    raw_sse.scripts.append(RawReply([event(delta("a")), event(delta("b"))[:12]], cut=True))
+    received, error = await collect_until_error(raw_llm)
+    assert received == [LLMChunk("content", "a")]
+    assert error.retryable
+    assert error.status is None
+    assert "failed or was cut" in error.message
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_raw_connection_cut_after_finish_keeps_the_answer(
+    raw_llm: LLMClient, raw_sse: RawSSEServer
+) -> None:
+    raw_sse.scripts.append(RawReply([event(delta("a")), event(finish())], cut=True))
+    usage = Usage()
+    assert await collect(raw_llm, usage=usage) == [LLMChunk("content", "a")]
+    assert usage == Usage(calls=1)
+    gc.collect()
+
+
+async def test_raw_done_ends_the_stream_and_the_connection_is_reused(
+    raw_llm: LLMClient, raw_sse: RawSSEServer
+) -> None:
+    after_done = b"data: {not json\n\n" + event(delta("late"))
+    for text in ("one", "two"):
+        raw_sse.scripts.append(
+            RawReply([event(delta(text)), event(finish()), b"data: [DONE]\n\n", after_done])
+        )
+    assert await collect(raw_llm) == [LLMChunk("content", "one")]
+    assert await collect(raw_llm) == [LLMChunk("content", "two")]
+    assert len(raw_sse.requests) == 2
+    assert raw_sse.connections == 1
+
+
+async def test_raw_consumer_stopping_early_releases_the_connection(
+    raw_llm: LLMClient, raw_sse: RawSSEServer
+) -> None:
+    raw_sse.scripts.append(RawReply([event(delta("a")), event(delta("b")), event(finish())]))
+    raw_sse.scripts.append(RawReply([event(delta("c")), event(finish())]))
+    stream = raw_llm.stream_chat(MESSAGES)
+    assert await anext(stream) == LLMChunk("content", "a")
+    await stream.aclose()
+    gc.collect()
+    assert await collect(raw_llm) == [LLMChunk("content", "c")]
