@@ -114,6 +114,12 @@ def cmd_user_create(args: argparse.Namespace) -> None:
     print(f"created {role} {args.email} ({user_id})")
 
 
+def cmd_run(args: argparse.Namespace) -> None:
+    from mora_graphql.terminal.command import main
+
+    main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mora", description="Mora GraphQL server")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("email")
     create.add_argument("--admin", action="store_true")
     create.set_defaults(func=cmd_user_create)
+
+    from mora_graphql.terminal.command import add_arguments
+
+    run = sub.add_parser(
+        "run",
+        help="create a session for a video and follow it (see README: `mora run`)",
+        description="Create a session for VIDEO_URL and follow it to the end. Exit codes: "
+        "0 completed, 1 failed, 2 usage or rejected request, 3 cancelled, "
+        "4 authentication, 5 server unreachable, 130 interrupted.",
+    )
+    add_arguments(run)
+    run.set_defaults(func=cmd_run)
     return parser
 
 
