@@ -1,11 +1,13 @@
 """A small key-value cache: Redis when configured, memory otherwise.
 
-Redis errors degrade to cache misses (logged), never to failed requests.
+Redis errors degrade to cache misses (logged), never to failed requests; an `add` that could
+not reach Redis answers False (fail closed: nobody wins a lease that could not be recorded).
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from typing import Protocol
 
 import structlog
@@ -28,9 +30,26 @@ class Cache(Protocol):
 
 
 class MemoryCache:
-    def __init__(self, max_entries: int = 10_000) -> None:
+    """LRU bounded by entries and by bytes (keys plus values); expired entries are dropped
+    when read or when they reach the front of the eviction order."""
+
+    def __init__(self, max_entries: int = 10_000, max_bytes: int = 64 * 1024 * 1024) -> None:
         self.max_entries = max_entries
-        self._data: dict[str, tuple[float, str]] = {}
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._data: OrderedDict[str, tuple[float, str]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    @staticmethod
+    def _size(key: str, value: str) -> int:
+        return len(key) + len(value)
+
+    def _drop(self, key: str) -> None:
+        item = self._data.pop(key, None)
+        if item is not None:
+            self.bytes -= self._size(key, item[1])
 
     def _live(self, key: str) -> str | None:
         item = self._data.get(key)
@@ -38,27 +57,38 @@ class MemoryCache:
             return None
         expires, value = item
         if expires <= time.monotonic():
-            del self._data[key]
+            self._drop(key)
             return None
+        self._data.move_to_end(key)
         return value
+
+    def _store(self, key: str, value: str, ttl: int) -> None:
+        size = self._size(key, value)
+        self._drop(key)
+        if size > self.max_bytes:
+            return
+        while self._data and (
+            len(self._data) >= self.max_entries or self.bytes + size > self.max_bytes
+        ):
+            self._drop(next(iter(self._data)))
+        self._data[key] = (time.monotonic() + ttl, value)
+        self.bytes += size
 
     async def get(self, key: str) -> str | None:
         return self._live(key)
 
     async def set(self, key: str, value: str, ttl: int) -> None:
-        if len(self._data) >= self.max_entries and key not in self._data:
-            oldest = min(self._data, key=lambda k: self._data[k][0])
-            del self._data[oldest]
-        self._data[key] = (time.monotonic() + ttl, value)
+        self._store(key, value, ttl)
 
     async def add(self, key: str, value: str, ttl: int) -> bool:
+        """Check and store with no await between them: atomic on the event loop."""
         if self._live(key) is not None:
             return False
-        await self.set(key, value, ttl)
+        self._store(key, value, ttl)
         return True
 
     async def delete(self, key: str) -> None:
-        self._data.pop(key, None)
+        self._drop(key)
 
 
 class RedisCache:
@@ -87,7 +117,7 @@ class RedisCache:
             return bool(await self.redis.set(self.prefix + key, value, ex=ttl, nx=True))
         except RedisError as exc:
             log.warning("cache unavailable", op="add", error=type(exc).__name__)
-            return True
+            return False
 
     async def delete(self, key: str) -> None:
         try:

@@ -26,9 +26,11 @@ MIN_SECRET_LENGTH = 6
 
 _SECRET_PATTERNS = [
     re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"),
+    re.compile(r"(?i)(basic\s+)[A-Za-z0-9+/=]{8,}"),
     re.compile(
         r"(?i)((?:api[_-]?key|token|password|passwd|secret|authorization|credential)s?"
-        r"[\"']?\s*[:=]\s*[\"']?)(?![\d.]+(?:[\s\"',&}]|$))[^\s\"',&}]+"
+        r"[\"']?\s*[:=]\s*[\"']?)(?![\d.]+(?:[\s\"',&}]|$))(?!(?:bearer|basic)\s)(?!<[\w-]+>(?:[\s\"',&}.]|$))"
+        r"[^\s\"',&}]+"
     ),
     re.compile(r"(://[^:/\s@]*:)[^@/\s]+(@)"),
     re.compile(r"\b(sk-)[A-Za-z0-9_-]{8,}"),

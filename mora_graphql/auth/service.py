@@ -64,9 +64,10 @@ class AuthService:
         check_password(password)
         if await self.users.by_email(address) is not None:
             raise Conflict("An account with this email already exists.")
+        hashed = await hash_password(password)
         try:
             async with self.session.begin_nested():
-                user = await self.users.add(address, hash_password(password), role)
+                user = await self.users.add(address, hashed, role)
         except IntegrityError as exc:
             raise Conflict("An account with this email already exists.") from exc
         return await self._result(user)
@@ -79,7 +80,8 @@ class AuthService:
         user = await self.users.by_email(address) if address else None
         if len(password) > MAX_PASSWORD:
             raise Unauthenticated("Invalid email or password.")
-        if not verify_password(password, user.password_hash if user else None) or user is None:
+        known = user.password_hash if user else None
+        if not await verify_password(password, known) or user is None:
             raise Unauthenticated("Invalid email or password.")
         return await self._result(user)
 

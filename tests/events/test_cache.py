@@ -22,13 +22,13 @@ async def test_get_set_add_delete_and_expiry(cache: Cache) -> None:
     assert await cache.get("k") is None
 
 
-async def test_redis_down_degrades_to_misses() -> None:
+async def test_redis_down_degrades_to_misses_and_add_fails_closed() -> None:
     client = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
     cache = RedisCache(client)
     try:
         await cache.set("k", "v", ttl=60)
         assert await cache.get("k") is None
-        assert await cache.add("k", "v", ttl=60) is True
+        assert await cache.add("k", "v", ttl=60) is False
         await cache.delete("k")
     finally:
         await client.aclose()
@@ -44,3 +44,32 @@ def test_memory_cache_is_bounded() -> None:
         assert await cache.get("k0") is None
 
     asyncio.run(fill())
+
+
+def test_memory_cache_is_bounded_in_bytes_and_evicts_least_recently_used() -> None:
+    cache = MemoryCache(max_entries=1_000, max_bytes=10_000)
+
+    async def fill() -> None:
+        await cache.set("keep", "x" * 100, ttl=60)
+        for index in range(200):
+            await cache.set(f"k{index}", "y" * 1_000, ttl=60)
+            assert await cache.get("keep") is not None
+        assert cache.bytes <= 10_000
+        assert len(cache) < 12
+        assert await cache.get("k199") is not None
+        assert await cache.get("k0") is None
+        await cache.set("huge", "z" * 20_000, ttl=60)
+        assert await cache.get("huge") is None
+        assert cache.bytes <= 10_000
+        await cache.delete("keep")
+        assert cache.bytes == sum(
+            len(k) + 1_000 for k in [f"k{i}" for i in range(200)] if k in cache._data
+        )
+
+    asyncio.run(fill())
+
+
+async def test_memory_add_is_atomic_under_concurrency() -> None:
+    cache = MemoryCache()
+    won = await asyncio.gather(*(cache.add("lease", str(i), ttl=60) for i in range(50)))
+    assert won.count(True) == 1
