@@ -40,7 +40,7 @@ BIN = PEERS / "node_modules" / ".bin"
 ADMIN_URL = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 DATABASE = "mora_bench_query"
-PASSWORD = "bench password 1"
+PASSWORD = "bench password 1"  # noqa: S105 (a throwaway account of the bench database)
 
 MORA_SESSION = (
     "query($id: ID!) { session(id: $id) { id status generatedCode "
@@ -250,7 +250,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["peer", "mora"], default=None)
     args = parser.parse_args()
     if not (BIN / "autocannon").exists():
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=PEERS, check=True)
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=PEERS, check=True)  # noqa: S607
     node = shutil.which("node")
     print(
         f"# {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, node {node}"
