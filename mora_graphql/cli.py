@@ -8,6 +8,7 @@ import getpass
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from mora_graphql.config import Settings, SettingsError, get_settings
 
@@ -30,16 +31,24 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from mora_graphql.app import create_app
 
     settings = _settings_or_exit()
-    app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=args.host or settings.host,
-        port=args.port or settings.port,
-        log_level=settings.log_level.lower(),
-        proxy_headers=True,
-        forwarded_allow_ips=settings.forwarded_allow_ips,
-        ws_max_size=settings.max_ws_message_bytes,
-    )
+    workers = args.workers or settings.web_concurrency
+    problem = settings.multiprocess_problem(workers)
+    if problem:
+        sys.exit(f"mora: --workers {workers}: {problem}.")
+    options: dict[str, Any] = {
+        "host": args.host or settings.host,
+        "port": args.port or settings.port,
+        "log_level": settings.log_level.lower(),
+        "proxy_headers": True,
+        "forwarded_allow_ips": settings.forwarded_allow_ips,
+        "ws_max_size": settings.max_ws_message_bytes,
+        "timeout_graceful_shutdown": int(settings.worker_shutdown_timeout),
+    }
+    if workers > 1:
+        # Each process builds its own app, pools and connections from the same settings.
+        uvicorn.run("mora_graphql.app:create_app", factory=True, workers=workers, **options)
+        return
+    uvicorn.run(create_app(settings), **options)
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
@@ -129,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="API processes on one port (default WEB_CONCURRENCY, 1); more than one needs Redis "
+        "and the distributed job queue",
+    )
     serve.set_defaults(func=cmd_serve)
 
     migrate = sub.add_parser("migrate", help="upgrade the database schema")

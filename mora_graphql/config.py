@@ -33,6 +33,8 @@ class Settings(BaseSettings):
 
     database_url: str = DEFAULT_SQLITE_URL
     database_pool_size: int = 10
+    database_pool_recycle: int = 1800
+    web_concurrency: int = Field(default=1, ge=1, le=64)
     database_echo: bool = False
     redis_url: str | None = None
 
@@ -177,6 +179,23 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    def multiprocess_problem(self, workers: int) -> str | None:
+        """Why `workers` API processes could not share this deployment's state, or None."""
+        if workers <= 1:
+            return None
+        if not self.redis_url:
+            return (
+                "several API processes need REDIS_URL: events, caches and limits would "
+                "otherwise be split between processes"
+            )
+        if not self.uses_procrastinate:
+            return (
+                "several API processes need the distributed job queue (PostgreSQL DATABASE_URL "
+                "plus REDIS_URL, JOB_BACKEND=auto or procrastinate) and `mora worker` processes; "
+                "the embedded in-process runner belongs to one process"
+            )
+        return None
 
     @property
     def uses_procrastinate(self) -> bool:

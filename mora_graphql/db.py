@@ -82,7 +82,7 @@ def create_engine(settings: Settings, url: str | None = None) -> AsyncEngine:
         url,
         echo=settings.database_echo,
         pool_size=settings.database_pool_size,
-        pool_pre_ping=True,
+        pool_recycle=settings.database_pool_recycle,
     )
 
 

@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import secrets
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import jwt
@@ -17,6 +18,8 @@ from mora_graphql.models import Role
 ALGORITHM = "HS256"
 ACCESS = "access"
 REFRESH_PREFIX = "mrt_"
+LEEWAY = 5
+VERIFIED_CACHE_SIZE = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +51,29 @@ def issue_access_token(settings: Settings, user_id: uuid.UUID, role: Role) -> tu
     return jwt.encode(claims, settings.signing_key, algorithm=ALGORITHM), settings.access_token_ttl
 
 
+_verified: OrderedDict[tuple[str, str, str, str], Principal] = OrderedDict()
+
+
 def decode_access_token(settings: Settings, token: str) -> Principal:
+    """The token's principal. A verified token is remembered (bounded LRU) for the rest of its
+    lifetime: access tokens cannot be revoked before they expire, so a remembered answer is the
+    answer a fresh check would give; only the expiry has to be checked again."""
+    key = (token, settings.signing_key, settings.jwt_issuer, settings.jwt_audience)
+    principal = _verified.get(key)
+    if principal is not None:
+        if principal.expires_at.timestamp() + LEEWAY < dt.datetime.now(dt.UTC).timestamp():
+            del _verified[key]
+            raise Unauthenticated("The access token has expired.")
+        _verified.move_to_end(key)
+        return principal
+    principal = _decode(settings, token)
+    _verified[key] = principal
+    if len(_verified) > VERIFIED_CACHE_SIZE:
+        _verified.popitem(last=False)
+    return principal
+
+
+def _decode(settings: Settings, token: str) -> Principal:
     try:
         claims = jwt.decode(
             token,
@@ -57,7 +82,7 @@ def decode_access_token(settings: Settings, token: str) -> Principal:
             issuer=settings.jwt_issuer,
             audience=settings.jwt_audience,
             options={"require": ["exp", "iat", "sub", "iss", "aud", "typ"]},
-            leeway=5,
+            leeway=LEEWAY,
         )
     except jwt.ExpiredSignatureError as exc:
         raise Unauthenticated("The access token has expired.") from exc
