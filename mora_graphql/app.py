@@ -37,6 +37,7 @@ from mora_graphql.db import Database, create_engine, create_sessionmaker
 from mora_graphql.errors import MoraError
 from mora_graphql.events.bus import EventBus, MemoryEventBus
 from mora_graphql.events.redis_bus import RedisEventBus
+from mora_graphql.graphiql import graphiql_assets, graphiql_routes
 from mora_graphql.graphql.context import Context
 from mora_graphql.graphql.schema import build_schema
 from mora_graphql.graphql.websocket import (
@@ -167,6 +168,10 @@ class MoraGraphQL(GraphQL[Context, None]):
         super().__init__(**kwargs)
         self._services = services_ref
         self.max_ws_message_bytes = max_ws_message_bytes
+
+    @property
+    def graphql_ide_html(self) -> str:
+        return graphiql_assets().page()
 
     def decode_json(self, data: str | bytes) -> object:
         """Undecodable or too deeply nested JSON is a malformed request (400), not a 500."""
@@ -330,6 +335,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
             Route("/health", health),
             Route("/ready", ready),
             Route("/metrics", metrics),
+            *(graphiql_routes() if settings.graphiql_enabled else []),
         ],
         middleware=middleware,
         lifespan=lifespan,
