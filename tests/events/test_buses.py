@@ -105,15 +105,36 @@ async def consume(
     *,
     slow: float = 0.0,
     after: int | None = None,
+    started: asyncio.Event | None = None,
 ) -> list[Snapshot | SessionEvent]:
+    """Everything `follow_session` yields; `started` is set at the first item, when the
+    subscription is held and the snapshot taken."""
     items: list[Snapshot | SessionEvent] = []
     async for item in follow_session(
         db, bus, session_id, owner_id=None, after_seq=after, idle_timeout=0.5
     ):
         items.append(item)
+        if started is not None:
+            started.set()
         if slow:
             await asyncio.sleep(slow)
     return items
+
+
+async def listening(bus: EventBus, session_id: uuid.UUID) -> None:
+    """Return once a subscription held on `bus` receives what is published from now on.
+
+    The memory bus registers a subscriber as `subscribe` is entered; a Redis subscription
+    counts once the server reports the channel subscribed (PUBSUB NUMSUB)."""
+    if not isinstance(bus, RedisEventBus):
+        return
+    channel = f"{bus.prefix}{session_id}"
+    for _ in range(500):
+        [(_, count)] = await bus.redis.pubsub_numsub(channel)
+        if count >= 1:
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail(f"no Redis subscription to {channel} after 5 s")
 
 
 async def test_subscribers_get_everything_in_order(
@@ -121,12 +142,17 @@ async def test_subscribers_get_everything_in_order(
 ) -> None:
     publisher, subscriber, _ = buses
     session_id = await new_session(db)
-    fast = asyncio.create_task(consume(db, subscriber, session_id))
-    slow = asyncio.create_task(consume(db, subscriber, session_id, slow=0.01))
-    await asyncio.sleep(0.1)
+    started = [asyncio.Event(), asyncio.Event()]
+    fast = asyncio.create_task(consume(db, subscriber, session_id, started=started[0]))
+    slow = asyncio.create_task(consume(db, subscriber, session_id, slow=0.01, started=started[1]))
+    await asyncio.wait_for(asyncio.gather(*(event.wait() for event in started)), 5)
+    await listening(subscriber, session_id)
     code = await produce(db, publisher, session_id, deltas=60, pause=0.002)
     for task in (fast, slow):
-        check_stream(await asyncio.wait_for(task, 15), code)
+        items = await asyncio.wait_for(task, 15)
+        check_stream(items, code)
+        # Followed from before the run began: every event of the run was delivered.
+        assert items[0].seq == 0
 
 
 async def test_slow_subscriber_does_not_slow_the_publisher(
@@ -134,15 +160,17 @@ async def test_slow_subscriber_does_not_slow_the_publisher(
 ) -> None:
     publisher, subscriber, _ = buses
     session_id = await new_session(db)
-    stuck = asyncio.Event()
+    subscribed, stuck = asyncio.Event(), asyncio.Event()
 
     async def never_reads() -> None:
         async with subscriber.subscribe(session_id) as sub:
+            subscribed.set()
             await stuck.wait()
             assert sub.lagging
 
     reader = asyncio.create_task(never_reads())
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(subscribed.wait(), 5)
+    await listening(subscriber, session_id)
     code = await asyncio.wait_for(produce(db, publisher, session_id, deltas=200, pause=0), 10)
     stuck.set()
     await reader
@@ -184,8 +212,10 @@ async def test_redis_reconnect_loses_nothing(db: Database, redis_url: str) -> No
     await subscriber.start()
     try:
         session_id = await new_session(db)
-        consumer = asyncio.create_task(consume(db, subscriber, session_id))
-        await asyncio.sleep(0.1)
+        started = asyncio.Event()
+        consumer = asyncio.create_task(consume(db, subscriber, session_id, started=started))
+        await asyncio.wait_for(started.wait(), 5)
+        await listening(subscriber, session_id)
 
         async def kill_pubsub() -> None:
             for _ in range(3):
@@ -212,13 +242,17 @@ async def test_terminal_row_ends_the_stream_even_without_its_event(db: Database)
     recorder = await SessionRecorder.begin(db, bus, session_id, checkpoint_interval=0)
     assert recorder is not None
     await recorder.code_delta("print(1)\n")
-    follower = asyncio.create_task(consume(db, bus, session_id))
-    await asyncio.sleep(0.1)
+    started = asyncio.Event()
+    follower = asyncio.create_task(consume(db, bus, session_id, started=started))
+    await asyncio.wait_for(started.wait(), 5)
     async with transaction(db) as session:
         await SessionRepository(session).update_fields(
             session_id, status=SessionStatus.COMPLETED, last_seq=recorder.seq + 1
         )
     items = await asyncio.wait_for(follower, 5)
+    # The follower saw the session running, so the end came from the stored terminal row.
+    assert isinstance(items[0], Snapshot)
+    assert items[0].row.status is SessionStatus.PROCESSING
     seqs = [item.seq for item in items]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
     last = items[-1]

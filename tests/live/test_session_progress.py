@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 import pytest
+from websockets.exceptions import ConnectionClosedError
 
 from mora_graphql.pipeline.timeline import TimelineSegment, check_invariants
 from tests.conftest import LiveServer
@@ -19,7 +20,15 @@ from tests.fakes.fixtures import (  # noqa: F401
     openai_server_fixture,
 )
 from tests.fakes.openai_server import JSON, Fail, FakeOpenAI, Hang, Stream
-from tests.wsclient import PROTOCOLS, TRANSPORT_WS, SubscriptionError, collect, connect, subscribe
+from tests.wsclient import (
+    LEGACY_WS,
+    PROTOCOLS,
+    TRANSPORT_WS,
+    SubscriptionError,
+    collect,
+    connect,
+    subscribe,
+)
 
 PROGRESS = """
 subscription($id: ID!, $after: Int) {
@@ -424,9 +433,16 @@ async def test_subscription_to_foreign_or_missing_session_is_refused(
 
 
 async def test_bad_connection_token_is_rejected(live: LiveServer) -> None:
-    with pytest.raises(Exception):  # noqa: B017, PT011
+    with pytest.raises(ConnectionClosedError) as closed:
         async with connect(live.ws_url, TRANSPORT_WS, token="garbage"):
             pass
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 4403
+    with pytest.raises(SubscriptionError) as rejected:
+        async with connect(live.ws_url, LEGACY_WS, token="garbage"):
+            pass
+    assert rejected.value.payload["type"] == "connection_error"
+    assert rejected.value.payload["payload"]["code"] == "UNAUTHENTICATED"
 
 
 async def test_join_mid_stream_sees_snapshot_then_the_rest(

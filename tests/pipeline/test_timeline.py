@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from typing import Any
@@ -592,6 +593,17 @@ def _transcripts(draw: st.DrawFn) -> list[SubtitleLine]:
     return lines
 
 
+def _effective_duration(duration: float, transcript: list[SubtitleLine]) -> float:
+    """The video's length, or the end of the transcript when the length is unknown."""
+    if math.isfinite(duration) and duration > 0:
+        return duration
+    return max([0.0, *(line.end for line in transcript if math.isfinite(line.end))])
+
+
+def _times(segments: list[TimelineSegment]) -> list[tuple[float, float, str]]:
+    return [(s.start_time, s.end_time, s.description) for s in segments]
+
+
 @given(_raw_outputs, _codes, _durations, _transcripts())
 @settings(deadline=None, max_examples=1000)
 def test_repair_of_any_model_output_satisfies_invariants(
@@ -601,8 +613,11 @@ def test_repair_of_any_model_output_satisfies_invariants(
     assert parsed is None or parsed
     segments = repair_timeline(parsed, code=code, duration=duration, transcript=transcript)
     assert check_invariants(segments, duration, len(split_code_lines(code))) == []
+    # A video with a length always gets a timeline; one without gets none.
+    assert bool(segments) == (_effective_duration(duration, transcript) > 0)
     fixed = fix_line_ranges(segments, transcript, code)
     assert check_invariants(fixed, duration, len(split_code_lines(code))) == []
+    assert _times(fixed) == _times(segments)
 
 
 @given(st.lists(st.one_of(_items, _plausible, _scalars), max_size=12), _codes, _durations)
@@ -612,6 +627,7 @@ def test_repair_of_raw_dicts_satisfies_invariants(
 ) -> None:
     segments = repair_timeline(items, code=code, duration=duration, transcript=TRANSCRIPT)
     assert check_invariants(segments, duration, len(split_code_lines(code))) == []
+    assert segments, "TRANSCRIPT gives every video a length, so a timeline is due"
 
 
 @given(_transcripts(), _codes, _durations)
@@ -620,7 +636,28 @@ def test_align_always_satisfies_invariants(
     transcript: list[SubtitleLine], code: str, duration: float
 ) -> None:
     segments = align_timeline(transcript, code, duration)
-    assert check_invariants(segments, duration, len(split_code_lines(code))) == []
+    lines = split_code_lines(code)
+    assert check_invariants(segments, duration, len(lines)) == []
+    total = _effective_duration(duration, transcript)
+    if total <= 0:
+        assert segments == []
+        return
+    assert segments, "a video with a length gets a timeline"
+    # The alignment covers the whole video without holes, in code order.
+    assert segments[0].start_time == 0
+    assert segments[-1].end_time == total
+    for before, after in itertools.pairwise(segments):
+        assert before.end_time == after.start_time
+    if lines:
+        assert all(s.start_line is not None for s in segments)
+        assert all(
+            before.end_line is not None
+            and after.start_line is not None
+            and before.end_line < after.start_line
+            for before, after in itertools.pairwise(segments)
+        )
+    else:
+        assert [(s.start_line, s.end_line) for s in segments] == [(None, None)]
 
 
 @given(_transcripts(), st.integers(2, 40), st.floats(1, 10_000))
@@ -632,6 +669,7 @@ def test_align_never_one_segment_for_many_blocks(
     segments = align_timeline(transcript, code, duration)
     assert check_invariants(segments, duration, len(split_code_lines(code))) == []
     assert len(segments) == min(blocks, 30)
+    assert segments[0].start_time == 0 and segments[-1].end_time == duration
 
 
 # The whole post-processing the pipeline applies (repair, line check, span check, fallback).
@@ -644,18 +682,18 @@ from mora_graphql.pipeline.timeline import final_timeline, timeline_spans  # noq
 def test_final_timeline_of_any_model_output_is_valid_and_spans_the_video(
     raw: str, code: str, duration: float, transcript: list[SubtitleLine]
 ) -> None:
-    segments, source = final_timeline(
-        parse_model_timeline(raw), code=code, duration=duration, transcript=transcript
-    )
+    parsed = parse_model_timeline(raw)
+    segments, source = final_timeline(parsed, code=code, duration=duration, transcript=transcript)
     assert source in {"MODEL", "ALIGNED"}
     assert check_invariants(segments, duration, len(split_code_lines(code))) == []
-    total = (
-        duration
-        if math.isfinite(duration) and duration > 0
-        else max([0.0, *(line.end for line in transcript if math.isfinite(line.end))])
-    )
-    if segments:
+    total = _effective_duration(duration, transcript)
+    assert bool(segments) == (total > 0)
+    if total > 0:
         assert timeline_spans(segments, total)
+    if source == "ALIGNED":
+        assert segments == align_timeline(transcript, code, duration)
+    else:
+        assert parsed, "a MODEL timeline needs the model's items"
 
 
 def test_final_timeline_replaces_a_partial_model_timeline() -> None:

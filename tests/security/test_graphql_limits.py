@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -17,7 +19,6 @@ from mora_graphql.graphql.limits import CACHE_SIZE
 from tests.conftest import LiveServer
 from tests.security.conftest import (
     TRANSPORT_WS,
-    Accounts,
     close_code,
     codes,
     execute,
@@ -94,8 +95,8 @@ async def rejected(live: LiveServer, query: str, code: str, token: str | None = 
     assert result.get("data") is None
 
 
-async def check_depth(live: LiveServer, accounts: Accounts) -> None:
-    token = accounts.alice.token
+async def check_depth(live: LiveServer) -> None:
+    token = await live.register()
     await accepted(live, AT_DEPTH, token)
     await rejected(live, DEEPEST, "QUERY_TOO_DEEP", token)
     fragmented = (
@@ -278,21 +279,44 @@ async def check_deeply_nested_json_is_a_bad_request(live: LiveServer) -> None:
     assert response.status_code == 400
 
 
-async def test_document_limits(live: LiveServer, accounts: Accounts) -> None:
-    await check_depth(live, accounts)
-    await check_introspection_is_exempt_from_the_depth_limit_in_development(live)
-    await check_aliases(live)
-    await check_directives(live)
-    await check_tokens(live)
-    await check_document_length(live)
-    await check_fragment_fan_out_is_measured_in_linear_time(live)
-    await check_a_repeated_document_hits_the_validation_cache(live)
-    await check_development_defaults(live)
+Check = Callable[[LiveServer], Awaitable[None]]
 
 
-async def test_transport_limits(live: LiveServer) -> None:
-    await check_request_body_size(live)
-    await check_batching_and_get_queries_are_off(live)
-    await check_deeply_nested_json_is_a_bad_request(live)
-    for protocol in PROTOCOLS:
-        await check_websocket_message_size(live, protocol)
+@pytest.mark.parametrize(
+    "check",
+    [
+        pytest.param(check_depth, id="depth"),
+        pytest.param(
+            check_introspection_is_exempt_from_the_depth_limit_in_development,
+            id="introspection-depth-exempt",
+        ),
+        pytest.param(check_aliases, id="aliases"),
+        pytest.param(check_directives, id="directives"),
+        pytest.param(check_tokens, id="tokens"),
+        pytest.param(check_document_length, id="document-length"),
+        pytest.param(check_fragment_fan_out_is_measured_in_linear_time, id="fragment-fan-out"),
+        pytest.param(check_a_repeated_document_hits_the_validation_cache, id="validation-cache"),
+        pytest.param(check_development_defaults, id="development-defaults"),
+    ],
+)
+async def test_document_limits(live: LiveServer, check: Check) -> None:
+    await check(live)
+
+
+@pytest.mark.parametrize(
+    "check",
+    [
+        pytest.param(check_request_body_size, id="request-body-size"),
+        pytest.param(check_batching_and_get_queries_are_off, id="no-batching-no-get"),
+        pytest.param(check_deeply_nested_json_is_a_bad_request, id="deeply-nested-json"),
+        *(
+            pytest.param(
+                functools.partial(check_websocket_message_size, protocol=protocol),
+                id=f"ws-message-size-{protocol}",
+            )
+            for protocol in PROTOCOLS
+        ),
+    ],
+)
+async def test_transport_limits(live: LiveServer, check: Check) -> None:
+    await check(live)

@@ -27,6 +27,8 @@ from tests.security.conftest import (
 )
 from tests.wsclient import LEGACY_WS, PROTOCOLS, TRANSPORT_WS
 
+RELEASE_TIMEOUT = 5.0
+RELEASE_POLL = 0.01
 CREATE = 'mutation { createSession(input: {videoUrl: "https://youtu.be/dQw4w9WgXcQ"}) { id } }'
 RETRY = "mutation($id: ID!) { retrySession(id: $id) { id } }"
 REGISTER = (
@@ -131,12 +133,20 @@ async def test_request_ceiling_per_ip(live: LiveServer) -> None:
 
 
 async def released(live: LiveServer, account: Account, below: int) -> None:
-    """Wait until the server has released the account's closed subscriptions."""
+    """Wait until the server has released the account's closed subscriptions; fail after
+    RELEASE_TIMEOUT seconds."""
     user = uuid.UUID(account.id)
-    for _ in range(500):
+    polls = round(RELEASE_TIMEOUT / RELEASE_POLL)
+    for _ in range(polls):
         if live.services.limiter.open_subscriptions(user) < below:
             return
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(RELEASE_POLL)
+    still_open = live.services.limiter.open_subscriptions(user)
+    if still_open >= below:
+        pytest.fail(
+            f"{still_open} subscriptions of {account.email} still counted as open "
+            f"{RELEASE_TIMEOUT} s after closing (expected fewer than {below})"
+        )
 
 
 async def check_concurrent_subscriptions(
