@@ -30,7 +30,9 @@ from tests.wsclient import LEGACY_WS, PROTOCOLS, TRANSPORT_WS
 
 TTL = 2
 PROGRESS = "subscription($id: ID!) { sessionProgress(sessionId: $id) { __typename seq } }"
-REFRESH = "mutation($t: String!) { refreshToken(refreshToken: $t) { accessToken } }"
+REFRESH = (
+    "mutation($t: String!) { refreshToken(refreshToken: $t) { accessToken refreshToken } }"
+)
 
 
 @pytest.fixture
@@ -56,10 +58,12 @@ async def expire(live: LiveServer, protocol: str, token: str, session_id: str) -
 async def test_expired_token_ends_subscriptions_and_closes_4401(
     live: LiveServer, accounts: Accounts
 ) -> None:
-    issued = time.monotonic()
     session_id = await insert_session(live, accounts.alice, SessionStatus.PROCESSING)
+    # A token issued now: the accounts were signed up (slow password hashing) before this.
+    issued = time.monotonic()
+    alice = (await live.gql(REFRESH, {"t": accounts.alice.refresh}))["data"]["refreshToken"]
     outcomes = await asyncio.gather(
-        *(expire(live, protocol, accounts.alice.token, session_id) for protocol in PROTOCOLS)
+        *(expire(live, protocol, alice["accessToken"], session_id) for protocol in PROTOCOLS)
     )
     for protocol, (error, code, ended) in zip(PROTOCOLS, outcomes, strict=True):
         assert error["type"] == "error" and error["id"] == "p", (protocol, error)
@@ -68,13 +72,13 @@ async def test_expired_token_ends_subscriptions_and_closes_4401(
         assert code == 4401, protocol
         assert ended - issued < TTL + 3
 
-    expired = await live.gql("{ sessions { nodes { id } } }", token=accounts.alice.token)
+    expired = await live.gql("{ sessions { nodes { id } } }", token=alice["accessToken"])
     assert codes(expired) == ["UNAUTHENTICATED"]
     leeway = await raw_socket(live, TRANSPORT_WS)
     assert (await init(leeway, accounts.bob.token))["type"] == "connection_ack"
     assert await close_code(leeway, 2) == 4401
 
-    fresh = (await live.gql(REFRESH, {"t": accounts.alice.refresh}))["data"]["refreshToken"]
+    fresh = (await live.gql(REFRESH, {"t": alice["refreshToken"]}))["data"]["refreshToken"]
     ws = await raw_socket(live, TRANSPORT_WS)
     assert (await init(ws, fresh["accessToken"]))["type"] == "connection_ack"
     await start(ws, TRANSPORT_WS, "again", PROGRESS, {"id": session_id})
