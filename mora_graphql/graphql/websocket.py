@@ -244,7 +244,7 @@ class LegacyWSHandler(_ExpiryMixin, BaseGraphQLWSHandler["Context", None]):
             await self.cleanup()
 
     async def _init_timeout(self) -> None:
-        seconds = self.context.services.settings.ws_connection_init_timeout
+        seconds = self.context.deps.settings.ws_connection_init_timeout
         await asyncio.sleep(seconds)
         if not self.connection_acknowledged:
             await self.websocket.close(CLOSE_INIT_TIMEOUT, "Connection initialisation timeout")

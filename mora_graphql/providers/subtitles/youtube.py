@@ -34,7 +34,7 @@ from mora_graphql.errors import ErrorCode, PipelineError
 from mora_graphql.models import Platform
 from mora_graphql.providers.subtitles.base import SubtitleLine, Transcript, VideoMeta
 from mora_graphql.providers.subtitles.blocking import BlockingPool, SessionFactory, TimeoutSession
-from mora_graphql.sessions.video_urls import VideoRef
+from mora_graphql.video_urls import VideoRef
 
 DEFAULT_LINE_SECONDS = 3.0
 _STATUS = re.compile(r"^(\d{3})\b")
