@@ -7,6 +7,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from mora_graphql.errors import ErrorCode, MoraError, PipelineError
+from mora_graphql.providers.upstream import unreachable
 from mora_graphql.video_urls import PLATFORM_HOSTS, VideoRef, host_of, parse_video_url
 
 MAX_REDIRECTS = 5
@@ -57,11 +58,8 @@ async def resolve_short_link(
             if not ref.is_short_link:
                 return ref
     except httpx.HTTPError as exc:
-        raise PipelineError(
-            ErrorCode.BIBIGPT_API_ERROR,
-            f"Could not resolve the short link {video.url} ({type(exc).__name__}).",
-            retryable=True,
-        ) from exc
+        message = f"Could not resolve the short link {video.url} ({type(exc).__name__})."
+        raise unreachable(message) from exc
     raise PipelineError(
         ErrorCode.INVALID_VIDEO_URL, f"The short link {video.url} does not lead to a video."
     )

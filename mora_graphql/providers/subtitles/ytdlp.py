@@ -24,6 +24,7 @@ from mora_graphql.errors import ErrorCode, PipelineError
 from mora_graphql.models import Platform
 from mora_graphql.providers.subtitles.base import Transcript, VideoMeta
 from mora_graphql.providers.subtitles.blocking import BlockingPool
+from mora_graphql.providers.upstream import unreachable
 from mora_graphql.subtitle_formats import SubtitleLine, parse_track
 from mora_graphql.video_urls import VideoRef
 
@@ -251,11 +252,7 @@ def _translate(exc: Exception) -> PipelineError:
     if isinstance(cause, TransportError) or isinstance(
         getattr(cause, "cause", None), TransportError
     ):
-        return PipelineError(
-            ErrorCode.BIBIGPT_API_ERROR,
-            "Could not reach the video platform (network error).",
-            retryable=True,
-        )
+        return unreachable("Could not reach the video platform (network error).")
     return PipelineError(
         ErrorCode.BIBIGPT_API_ERROR,
         f"yt-dlp could not read this video: {message[:200]}",
