@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TypedDict
+
 import httpx
 
 from mora_graphql.config import Settings
@@ -11,6 +14,12 @@ from mora_graphql.providers.subtitles.bibigpt import BibiGPTProvider
 from mora_graphql.providers.subtitles.blocking import BlockingPool, SessionFactory
 from mora_graphql.providers.subtitles.youtube import YouTubeTranscriptProvider
 from mora_graphql.providers.subtitles.ytdlp import YoutubeDLFactory, YtDlpProvider
+
+
+class _KeylessOptions(TypedDict):
+    languages: Sequence[str]
+    timeout: float
+    proxy_url: str | None
 
 
 class SubtitleSources:
@@ -33,6 +42,11 @@ class SubtitleSources:
 
     def chain(self) -> list[SubtitleProvider]:
         settings = self.settings
+        keyless = _KeylessOptions(
+            languages=settings.subtitle_languages,
+            timeout=settings.subtitle_timeout,
+            proxy_url=settings.subtitle_proxy_url,
+        )
         providers: list[SubtitleProvider] = []
         for name in settings.subtitle_providers:
             if name == "bibigpt":
@@ -49,20 +63,14 @@ class SubtitleSources:
             elif name == "youtube":
                 providers.append(
                     YouTubeTranscriptProvider(
-                        self.pool,
-                        languages=settings.subtitle_languages,
-                        timeout=settings.subtitle_timeout,
-                        proxy_url=settings.subtitle_proxy_url,
-                        session_factory=self.youtube_session_factory,
+                        self.pool, **keyless, session_factory=self.youtube_session_factory
                     )
                 )
             elif name == "ytdlp":
                 providers.append(
                     YtDlpProvider(
                         self.pool,
-                        languages=settings.subtitle_languages,
-                        timeout=settings.subtitle_timeout,
-                        proxy_url=settings.subtitle_proxy_url,
+                        **keyless,
                         cookies_file=settings.ytdlp_cookies_file,
                         ydl_factory=self.ydl_factory,
                     )
