@@ -32,7 +32,9 @@ from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
 )
 from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWSHandler
 
+from mora_graphql.auth.tokens import Principal
 from mora_graphql.errors import RateLimited, Unauthenticated
+from mora_graphql.graphql.context import Context
 from mora_graphql.ratelimit import SUBSCRIPTION_RETRY_AFTER
 
 if TYPE_CHECKING:
@@ -41,9 +43,6 @@ if TYPE_CHECKING:
         Message as TransportMessage,
     )
     from strawberry.subscriptions.protocols.graphql_ws.types import OperationMessage
-
-    from mora_graphql.auth.tokens import Principal
-    from mora_graphql.graphql.context import Context
 
 log = structlog.get_logger("mora.websocket")
 

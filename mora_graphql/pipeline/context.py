@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import httpx
 
 from mora_graphql.config import Settings
 from mora_graphql.db import Database
 from mora_graphql.events.bus import EventBus
-from mora_graphql.models import VideoSession
+from mora_graphql.models import Platform, VideoSession
 from mora_graphql.pipeline.caching import PipelineCache
 from mora_graphql.pipeline.recorder import SessionRecorder
-from mora_graphql.providers.llm import LLMClient, Usage
+from mora_graphql.providers.llm import LLMChunk, Usage
 from mora_graphql.providers.retry import with_retries
-from mora_graphql.providers.subtitles.chain import SubtitleSources
+from mora_graphql.providers.subtitles.base import SubtitleProvider
 
 T = TypeVar("T")
 
@@ -25,14 +25,41 @@ PROGRESS_CODE_DONE = 0.8
 PROGRESS_TIMELINE_DONE = 0.95
 
 
+class ChatModel(Protocol):
+    """What the stages need from the LLM client."""
+
+    @property
+    def model(self) -> str: ...
+
+    def stream_chat(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        max_tokens: int | None = None,
+        usage: Usage | None = None,
+    ) -> AsyncIterator[LLMChunk]: ...
+
+    async def complete_json(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        max_tokens: int | None = None,
+        usage: Usage | None = None,
+    ) -> str: ...
+
+
+class SubtitleChain(Protocol):
+    def for_platform(self, platform: Platform) -> list[SubtitleProvider]: ...
+
+
 @dataclass(frozen=True)
 class PipelineDeps:
     settings: Settings
     db: Database
     bus: EventBus
-    llm: LLMClient
+    llm: ChatModel
     cache: PipelineCache
-    subtitles: SubtitleSources
+    subtitles: SubtitleChain
     http: httpx.AsyncClient
 
 
