@@ -1,4 +1,4 @@
-"""Starlette application factory and the process-wide services."""
+"""The Starlette application: routes, middleware and the lifespan that builds the runtime."""
 
 from __future__ import annotations
 
@@ -6,18 +6,12 @@ import asyncio
 import datetime as dt
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -31,23 +25,18 @@ from strawberry.exceptions import ConnectionRejectionError
 from strawberry.types.unset import UnsetType
 
 from mora_graphql.auth.tokens import bearer_token, decode_access_token
-from mora_graphql.cache import Cache, MemoryCache, RedisCache
 from mora_graphql.config import Settings, get_settings
-from mora_graphql.db import Database, create_engine, create_sessionmaker
 from mora_graphql.errors import MoraError
-from mora_graphql.events.bus import EventBus, MemoryEventBus
-from mora_graphql.events.redis_bus import RedisEventBus
 from mora_graphql.graphiql import graphiql_assets, graphiql_routes
-from mora_graphql.graphql.context import Context
+from mora_graphql.graphql.context import Context, GraphQLDeps
 from mora_graphql.graphql.schema import build_schema
 from mora_graphql.graphql.websocket import (
     LegacyWSHandler,
     LimitedWebSocketAdapter,
     TransportWSHandler,
 )
-from mora_graphql.jobs.base import JobQueue
 from mora_graphql.logging import configure_logging, register_secrets, settings_secrets
-from mora_graphql.ratelimit import RateLimiter
+from mora_graphql.runtime import Runtime, build_runtime
 from mora_graphql.security import (
     BodySizeLimitMiddleware,
     IPRateLimitMiddleware,
@@ -59,114 +48,16 @@ log = structlog.get_logger("mora")
 REQUESTS = Counter("mora_http_requests_total", "HTTP requests", ["method", "status"])
 
 
-@dataclass
-class Services:
-    """Everything a request or a job needs, created once per process."""
-
-    settings: Settings
-    engine: AsyncEngine
-    db: Database
-    bus: EventBus
-    queue: JobQueue
-    http: httpx.AsyncClient
-    cache: Cache
-    extras: dict[str, Any] = field(default_factory=dict)
-    limiter: RateLimiter = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.limiter = RateLimiter(self.settings)
-
-    async def aclose(self) -> None:
-        await self.limiter.aclose()
-        await self.queue.stop()
-        runner = self.extras.get("runner")
-        if runner is not None:
-            await runner.aclose()
-        await self.bus.close()
-        redis = self.extras.get("redis")
-        if redis is not None:
-            await redis.aclose()
-        await self.http.aclose()
-        await self.engine.dispose()
-
-
-async def create_services(settings: Settings, *, role: str = "api") -> Services:
-    """Build the process-wide services. `role`: "api" (serve) or "worker" (`mora worker`).
-
-    With the in-process backend the API process also runs the jobs and resumes the sessions a
-    previous process left unfinished; with procrastinate the workers do both.
-    """
-    from mora_graphql.pipeline.run import PipelineRunner
-
-    engine = create_engine(settings)
-    db = create_sessionmaker(engine)
-    http = httpx.AsyncClient(timeout=settings.bibigpt_timeout, follow_redirects=True)
-    redis = (
-        Redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=15)
-        if settings.redis_url
-        else None
-    )
-    bus: EventBus
-    cache: Cache
-    if redis is not None:
-        bus = RedisEventBus(
-            redis, retention=settings.event_retention, buffer=settings.subscriber_buffer
-        )
-        cache = RedisCache(redis)
-    else:
-        bus = MemoryEventBus(retention=settings.event_retention, buffer=settings.subscriber_buffer)
-        cache = MemoryCache()
-    runner_box: list[PipelineRunner] = []
-    queue: JobQueue
-    if settings.uses_procrastinate:
-        from mora_graphql.jobs.procrastinate_queue import ProcrastinateQueue, build_app
-
-        queue = ProcrastinateQueue(build_app(settings.database_url), db)
-    else:
-        from mora_graphql.jobs.inprocess import InProcessQueue
-
-        async def job(session_id: uuid.UUID) -> None:
-            await runner_box[0].run(session_id, stopping=lambda: inprocess.shutting_down)
-
-        inprocess = InProcessQueue(job, concurrency=settings.job_concurrency)
-        queue = inprocess
-    services = Services(
-        settings=settings, engine=engine, db=db, bus=bus, queue=queue, http=http, cache=cache
-    )
-    if redis is not None:
-        services.extras["redis"] = redis
-        services.extras["redis_ping"] = _redis_probe(redis)
-    runner = PipelineRunner(services)
-    runner_box.append(runner)
-    services.extras["runner"] = runner
-    if isinstance(bus, RedisEventBus):
-        await bus.start()
-    await queue.start()
-    if not settings.uses_procrastinate and role == "api":
-        await runner.resume_unfinished()
-    return services
-
-
-def _redis_probe(redis: Redis) -> Callable[[], Awaitable[bool]]:
-    async def ping() -> bool:
-        try:
-            return bool(await asyncio.wait_for(redis.ping(), 2))
-        except (RedisError, OSError, TimeoutError):
-            return False
-
-    return ping
-
-
 class MoraGraphQL(GraphQL[Context, None]):
     websocket_adapter_class = LimitedWebSocketAdapter
     graphql_transport_ws_handler_class = TransportWSHandler
     graphql_ws_handler_class = LegacyWSHandler
 
     def __init__(
-        self, services_ref: Callable[[], Services], *, max_ws_message_bytes: int = 0, **kwargs: Any
+        self, deps_ref: Callable[[], GraphQLDeps], *, max_ws_message_bytes: int = 0, **kwargs: Any
     ) -> None:
         super().__init__(**kwargs)
-        self._services = services_ref
+        self._deps = deps_ref
         self.max_ws_message_bytes = max_ws_message_bytes
 
     @property
@@ -189,7 +80,7 @@ class MoraGraphQL(GraphQL[Context, None]):
     async def get_context(
         self, request: Request | WebSocket, response: Response | WebSocket
     ) -> Context:
-        return Context(services=self._services(), request=request, response=response)
+        return Context(deps=self._deps(), request=request, response=response)
 
     async def on_ws_connect(self, context: Context) -> UnsetType | dict[str, object] | None:
         params = context.connection_params if isinstance(context.connection_params, dict) else {}
@@ -200,7 +91,7 @@ class MoraGraphQL(GraphQL[Context, None]):
         try:
             token = bearer_token(str(raw))
             context.set_principal(
-                decode_access_token(context.services.settings, token) if token else None
+                decode_access_token(context.deps.settings, token) if token else None
             )
         except MoraError as exc:
             raise ConnectionRejectionError({"code": exc.code.name, "message": exc.message}) from exc
@@ -235,23 +126,31 @@ class RequestIdMiddleware:
             structlog.contextvars.unbind_contextvars("request_id")
 
 
-def create_app(settings: Settings | None = None, *, services: Services | None = None) -> Starlette:
+def graphql_deps(runtime: Runtime) -> GraphQLDeps:
+    return GraphQLDeps(
+        settings=runtime.settings,
+        db=runtime.db,
+        limiter=runtime.limiter,
+        sessions=runtime.sessions,
+    )
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or get_settings()
     configure_logging(settings.log_level, json=settings.json_logs)
     register_secrets(settings_secrets(settings))
-    holder: dict[str, Services] = {}
-    if services is not None:
-        holder["services"] = services
+    holder: dict[str, Runtime] = {}
+    deps: dict[str, GraphQLDeps] = {}
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        owned = "services" not in holder
-        if owned:
-            if settings.is_sqlite:
-                from mora_graphql.migrate import upgrade_database
+        if settings.is_sqlite:
+            from mora_graphql.migrate import upgrade_database
 
-                await asyncio.to_thread(upgrade_database, settings.database_url)
-            holder["services"] = await create_services(settings)
+            await asyncio.to_thread(upgrade_database, settings.database_url)
+        runtime = await build_runtime(settings)
+        holder["runtime"] = runtime
+        deps["graphql"] = graphql_deps(runtime)
         log.info(
             "mora started",
             environment=settings.environment,
@@ -260,11 +159,11 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         try:
             yield
         finally:
-            if owned:
-                await holder.pop("services").aclose()
+            deps.pop("graphql", None)
+            await holder.pop("runtime").aclose()
 
     graphql_app = MoraGraphQL(
-        lambda: holder["services"],
+        lambda: deps["graphql"],
         schema=build_schema(settings),
         graphql_ide="graphiql" if settings.graphiql_enabled else None,
         allow_queries_via_get=False,
@@ -279,20 +178,18 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
 
     async def ready(_request: Request) -> Response:
         checks: dict[str, str] = {}
-        current = holder.get("services")
+        current = holder.get("runtime")
         ok = current is not None
         if current is not None:
             try:
-                async with current.engine.connect() as conn:
-                    await conn.execute(text("SELECT 1"))
+                await current.database_ready()
                 checks["database"] = "ok"
             except Exception as exc:
                 log.warning("readiness: database", error=type(exc).__name__)
                 checks["database"] = "unavailable"
                 ok = False
-            probe: Callable[[], Awaitable[bool]] | None = current.extras.get("redis_ping")
-            if probe is not None:
-                healthy = await probe()
+            healthy = await current.redis_ready()
+            if healthy is not None:
                 checks["redis"] = "ok" if healthy else "unavailable"
                 ok = ok and healthy
         return JSONResponse(
@@ -323,7 +220,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     middleware += [
         Middleware(
             IPRateLimitMiddleware,
-            limiter=lambda: holder["services"].limiter if "services" in holder else None,
+            limiter=lambda: holder["runtime"].limiter if "runtime" in holder else None,
             limit=settings.rate_limit_per_ip,
         ),
         Middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes),
@@ -340,5 +237,5 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         middleware=middleware,
         lifespan=lifespan,
     )
-    app.state.services = holder
+    app.state.runtime = holder
     return app

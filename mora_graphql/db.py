@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -93,9 +93,19 @@ def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]
 Database = async_sessionmaker[AsyncSession]
 
 
+_AFTER_COMMIT = "mora.after_commit"
+
+
+def after_commit(session: AsyncSession, action: Callable[[], Awaitable[object]]) -> None:
+    """Run `action` once the transaction that owns `session` has committed (never when it
+    rolls back), e.g. queue a job for a row the job must be able to read."""
+    session.info.setdefault(_AFTER_COMMIT, []).append(action)
+
+
 @asynccontextmanager
 async def transaction(db: Database) -> AsyncIterator[AsyncSession]:
-    """One unit of work: commits once on success, rolls back on any error."""
+    """One unit of work: commits once on success, rolls back on any error; then the
+    `after_commit` actions run."""
     async with db() as session:
         try:
             yield session
@@ -103,3 +113,6 @@ async def transaction(db: Database) -> AsyncIterator[AsyncSession]:
         except BaseException:
             await session.rollback()
             raise
+        actions: list[Callable[[], Awaitable[object]]] = session.info.pop(_AFTER_COMMIT, [])
+        for action in actions:
+            await action()

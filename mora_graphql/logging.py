@@ -13,13 +13,12 @@ import re
 import sys
 import traceback
 from collections.abc import Callable, Iterable, MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote, quote_plus
 
 import structlog
 
-if TYPE_CHECKING:
-    from mora_graphql.config import Settings
+from mora_graphql.config import Settings
 
 REDACTED = "[REDACTED]"
 MIN_SECRET_LENGTH = 6

@@ -33,6 +33,8 @@ class SessionStatus(enum.StrEnum):
 TERMINAL_STATUSES = frozenset(
     {SessionStatus.COMPLETED, SessionStatus.ERROR, SessionStatus.CANCELLED}
 )
+ACTIVE_STATUSES = frozenset({SessionStatus.CREATED, SessionStatus.PROCESSING})
+RETRYABLE_STATUSES = frozenset({SessionStatus.ERROR, SessionStatus.CANCELLED})
 
 
 class PipelineStage(enum.StrEnum):

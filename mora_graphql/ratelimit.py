@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from limits import RateLimitItem, parse
@@ -24,10 +24,8 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
 from redis.asyncio import Redis
 
+from mora_graphql.config import Settings
 from mora_graphql.errors import RateLimited
-
-if TYPE_CHECKING:
-    from mora_graphql.config import Settings
 
 log = structlog.get_logger("mora.ratelimit")
 

@@ -5,27 +5,24 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import uuid
-from collections.abc import Callable
 
 import structlog
 
-from mora_graphql.app import Services, create_services
 from mora_graphql.config import Settings
+from mora_graphql.db import Database
 from mora_graphql.jobs.procrastinate_queue import (
     ProcrastinateQueue,
     orphaned_sessions,
     retry_stalled_jobs,
 )
 from mora_graphql.metrics import ORPHANS_REQUEUED, STALLED_JOBS_RETRIED
-from mora_graphql.pipeline.run import PipelineRunner
+from mora_graphql.runtime import build_runtime
 
 log = structlog.get_logger("mora.worker")
 
 
-async def maintain(services: Services, queue: ProcrastinateQueue) -> None:
+async def maintain(settings: Settings, db: Database, queue: ProcrastinateQueue) -> None:
     """Every worker runs this; each step is idempotent, so several at once are harmless."""
-    settings = services.settings
     last_reconcile = 0.0
     loop = asyncio.get_running_loop()
     while True:
@@ -36,9 +33,7 @@ async def maintain(services: Services, queue: ProcrastinateQueue) -> None:
             STALLED_JOBS_RETRIED.inc(retried)
             if loop.time() - last_reconcile >= settings.reconcile_interval:
                 last_reconcile = loop.time()
-                orphans = await orphaned_sessions(
-                    services.db, older_than=settings.reconcile_interval
-                )
+                orphans = await orphaned_sessions(db, older_than=settings.reconcile_interval)
                 for session_id in orphans:
                     await queue.enqueue(session_id)
                 ORPHANS_REQUEUED.inc(len(orphans))
@@ -52,22 +47,18 @@ async def maintain(services: Services, queue: ProcrastinateQueue) -> None:
 
 
 async def run_worker(settings: Settings) -> None:
-    services = await create_services(settings, role="worker")
-    queue = services.queue
+    runtime = await build_runtime(settings, role="worker")
+    queue = runtime.queue
     assert isinstance(queue, ProcrastinateQueue)
-    runner: PipelineRunner = services.extras["runner"]
-
-    async def run(session_id: uuid.UUID, stopping: Callable[[], bool]) -> None:
-        await runner.run(session_id, stopping=stopping)
-
     name = f"mora-{socket.gethostname()}-{os.getpid()}"
-    maintenance = asyncio.create_task(maintain(services, queue), name="worker-maintenance")
+    maintenance = asyncio.create_task(
+        maintain(settings, runtime.db, queue), name="worker-maintenance"
+    )
     log.info("worker started", name=name, concurrency=settings.job_concurrency)
     try:
         await queue.app.run_worker_async(
             name=name,
             concurrency=settings.job_concurrency,
-            additional_context={"run": run},
             install_signal_handlers=True,
             listen_notify=True,
             update_heartbeat_interval=settings.worker_heartbeat_interval,
@@ -78,5 +69,5 @@ async def run_worker(settings: Settings) -> None:
     finally:
         maintenance.cancel()
         await asyncio.gather(maintenance, return_exceptions=True)
-        await services.aclose()
+        await runtime.aclose()
         log.info("worker stopped", name=name)

@@ -18,10 +18,11 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from mora_graphql.app import Services, create_app
+from mora_graphql.app import create_app
 from mora_graphql.cache import Cache, MemoryCache, RedisCache
 from mora_graphql.config import Settings
 from mora_graphql.migrate import upgrade_database
+from mora_graphql.runtime import Runtime
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 TEST_DATABASE_URL = os.environ.get(
@@ -154,8 +155,8 @@ class LiveServer:
     http: httpx.AsyncClient
 
     @property
-    def services(self) -> Services:
-        return self.app.state.services["services"]  # type: ignore[no-any-return]
+    def services(self) -> Runtime:
+        return self.app.state.runtime["runtime"]  # type: ignore[no-any-return]
 
     async def gql(
         self, query: str, variables: dict[str, Any] | None = None, token: str | None = None

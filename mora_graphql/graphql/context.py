@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -12,15 +12,26 @@ from starlette.websockets import WebSocket
 from strawberry.types import Info as StrawberryInfo
 
 from mora_graphql.auth.tokens import Principal, bearer_token, decode_access_token
+from mora_graphql.config import Settings
+from mora_graphql.db import Database
 from mora_graphql.errors import Unauthenticated
+from mora_graphql.ratelimit import RateLimiter
+from mora_graphql.sessions.service import SessionDeps, SessionService
 
-if TYPE_CHECKING:
-    from mora_graphql.app import Services
+
+@dataclass(frozen=True)
+class GraphQLDeps:
+    """What the GraphQL layer uses, handed over by the composition root."""
+
+    settings: Settings
+    db: Database
+    limiter: RateLimiter
+    sessions: SessionDeps
 
 
 @dataclass
 class Context:
-    services: Services
+    deps: GraphQLDeps
     request: Request | WebSocket
     response: Response | WebSocket | None = None
     connection_params: dict[str, Any] | None = None
@@ -35,9 +46,7 @@ class Context:
         """The caller proven by the token; None when no token was sent; raises on a bad one."""
         if not self._principal_resolved:
             token = bearer_token(self.request.headers.get("authorization"))
-            self.set_principal(
-                decode_access_token(self.services.settings, token) if token else None
-            )
+            self.set_principal(decode_access_token(self.deps.settings, token) if token else None)
         return self._principal
 
     def require_user(self) -> Principal:
@@ -49,6 +58,10 @@ class Context:
         if principal.expires_at <= dt.datetime.now(dt.UTC):
             raise Unauthenticated("The access token has expired.")
         return principal
+
+    def session_service(self) -> SessionService:
+        """The session rules acting for the signed-in caller (raises without a valid token)."""
+        return SessionService(self.deps.sessions, self.require_user())
 
     @property
     def client_ip(self) -> str:

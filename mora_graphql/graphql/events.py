@@ -63,7 +63,7 @@ class TimelineReady(SessionEvent):
 class SessionCompleted(SessionEvent):
     @strawberry.field
     async def session(self, info: Info) -> Session:
-        async with info.context.services.db() as db:
+        async with info.context.deps.db() as db:
             row = await SessionRepository(db).get(uuid.UUID(self.session_id))
         if row is None:
             raise NotFound("Session not found.")

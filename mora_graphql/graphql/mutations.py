@@ -9,7 +9,6 @@ from mora_graphql.db import transaction
 from mora_graphql.errors import Forbidden
 from mora_graphql.graphql.context import Info
 from mora_graphql.graphql.types import AuthPayload, CreateSessionInput, Session, user_type
-from mora_graphql.sessions.service import SessionService
 
 
 def _auth_payload(result: AuthResult) -> AuthPayload:
@@ -29,8 +28,8 @@ def _account_key(email: str) -> str:
 
 async def _limit_pipeline_runs(info: Info) -> None:
     user = info.context.require_user()
-    settings = info.context.services.settings
-    await info.context.services.limiter.hit(
+    settings = info.context.deps.settings
+    await info.context.deps.limiter.hit(
         f"{settings.max_requests_per_minute}/minute", "pipeline-runs", str(user.user_id)
     )
 
@@ -39,28 +38,28 @@ async def _limit_pipeline_runs(info: Info) -> None:
 class Mutation:
     @strawberry.mutation
     async def register(self, info: Info, email: str, password: str) -> AuthPayload:
-        settings = info.context.services.settings
+        settings = info.context.deps.settings
         if not settings.registration_enabled:
             raise Forbidden("Registration is disabled on this server.")
-        limiter = info.context.services.limiter
+        limiter = info.context.deps.limiter
         await limiter.hit(
             settings.register_rate_limit_per_ip, "register-ip", info.context.client_ip
         )
         await limiter.hit(
             settings.register_rate_limit_per_account, "register-account", _account_key(email)
         )
-        async with transaction(info.context.services.db) as db:
-            result = await AuthService(db, info.context.services.settings).register(email, password)
+        async with transaction(info.context.deps.db) as db:
+            result = await AuthService(db, info.context.deps.settings).register(email, password)
         return _auth_payload(result)
 
     @strawberry.mutation
     async def login(self, info: Info, email: str, password: str) -> AuthPayload:
-        settings = info.context.services.settings
-        limiter = info.context.services.limiter
+        settings = info.context.deps.settings
+        limiter = info.context.deps.limiter
         account = _account_key(email)
         await limiter.hit(settings.login_rate_limit_per_ip, "login-ip", info.context.client_ip)
         await limiter.hit(settings.login_rate_limit_per_account, "login-account", account)
-        async with transaction(info.context.services.db) as db:
+        async with transaction(info.context.deps.db) as db:
             result = await AuthService(db, settings).login(email, password)
         await limiter.clear(settings.login_rate_limit_per_account, "login-account", account)
         return _auth_payload(result)
@@ -72,8 +71,8 @@ class Mutation:
         )
     )
     async def refresh_token(self, info: Info, refresh_token: str) -> AuthPayload:
-        async with transaction(info.context.services.db) as db:
-            outcome = await AuthService(db, info.context.services.settings).refresh(refresh_token)
+        async with transaction(info.context.deps.db) as db:
+            outcome = await AuthService(db, info.context.deps.settings).refresh(refresh_token)
         if not isinstance(outcome, AuthResult):
             raise outcome
         return _auth_payload(outcome)
@@ -82,33 +81,40 @@ class Mutation:
         description="Revoke the refresh token and every token rotated from the same sign-in."
     )
     async def logout(self, info: Info, refresh_token: str) -> bool:
-        async with transaction(info.context.services.db) as db:
-            return await AuthService(db, info.context.services.settings).logout(refresh_token)
+        async with transaction(info.context.deps.db) as db:
+            return await AuthService(db, info.context.deps.settings).logout(refresh_token)
 
     @strawberry.mutation(description="Validate the video URL and start processing it.")
     async def create_session(self, info: Info, input: CreateSessionInput) -> Session:
         await _limit_pipeline_runs(info)
-        service = SessionService(info.context.services, info.context.require_user())
-        row = await service.create(
-            video_url=input.video_url,
-            language=input.language,
-            subtitles=input.subtitles,
-            force_refresh=input.force_refresh,
-        )
+        service = info.context.session_service()
+        async with transaction(info.context.deps.db) as db:
+            row = await service.create(
+                db,
+                video_url=input.video_url,
+                language=input.language,
+                subtitles=input.subtitles,
+                force_refresh=input.force_refresh,
+            )
         return Session.of(row)
 
     @strawberry.mutation
     async def cancel_session(self, info: Info, id: strawberry.ID) -> Session:
-        service = SessionService(info.context.services, info.context.require_user())
-        return Session.of(await service.cancel(id))
+        service = info.context.session_service()
+        async with transaction(info.context.deps.db) as db:
+            row = await service.cancel(db, id)
+        return Session.of(row)
 
     @strawberry.mutation(description="Run a session that ended in ERROR or CANCELLED again.")
     async def retry_session(self, info: Info, id: strawberry.ID) -> Session:
         await _limit_pipeline_runs(info)
-        service = SessionService(info.context.services, info.context.require_user())
-        return Session.of(await service.retry(id))
+        service = info.context.session_service()
+        async with transaction(info.context.deps.db) as db:
+            row = await service.retry(db, id)
+        return Session.of(row)
 
     @strawberry.mutation
     async def delete_session(self, info: Info, id: strawberry.ID) -> bool:
-        service = SessionService(info.context.services, info.context.require_user())
-        return await service.delete(id)
+        service = info.context.session_service()
+        async with transaction(info.context.deps.db) as db:
+            return await service.delete(db, id)

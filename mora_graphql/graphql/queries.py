@@ -18,7 +18,6 @@ from mora_graphql.graphql.types import (
     user_type,
 )
 from mora_graphql.models import SessionStatus
-from mora_graphql.sessions.service import SessionService
 
 
 def _field_names(selections: list[Selection], path: tuple[str, ...]) -> set[str] | None:
@@ -59,8 +58,9 @@ def _unselected_heavy_columns(info: Info) -> list[str]:
 class Query:
     @strawberry.field(description="Null when the session does not exist or is not yours.")
     async def session(self, info: Info, id: strawberry.ID) -> Session | None:
-        principal = info.context.require_user()
-        row = await SessionService(info.context.services, principal).get(id)
+        service = info.context.session_service()
+        async with info.context.deps.db() as db:
+            row = await service.get(db, id)
         return Session.of(row) if row else None
 
     @strawberry.field(description="Your sessions, newest first.")
@@ -71,7 +71,7 @@ class Query:
         after: str | None = None,
         status: SessionStatus | None = None,
     ) -> SessionConnection:
-        principal = info.context.require_user()
+        service = info.context.session_service()
         cursor = None
         if after is not None:
             try:
@@ -80,9 +80,14 @@ class Query:
                 raise BadUserInput(
                     "after is not a valid cursor.", extensions={"field": "after"}
                 ) from exc
-        rows, has_next = await SessionService(info.context.services, principal).page(
-            first=first, after=cursor, status=status, skip_columns=_unselected_heavy_columns(info)
-        )
+        async with info.context.deps.db() as db:
+            rows, has_next = await service.page(
+                db,
+                first=first,
+                after=cursor,
+                status=status,
+                skip_columns=_unselected_heavy_columns(info),
+            )
         edges = [SessionEdge(cursor=encode_cursor(row), node=Session.of(row)) for row in rows]
         return SessionConnection(
             edges=edges,
@@ -96,6 +101,6 @@ class Query:
         principal = info.context.principal()
         if principal is None:
             return None
-        async with info.context.services.db() as db:
-            user = await AuthService(db, info.context.services.settings).current_user(principal)
+        async with info.context.deps.db() as db:
+            user = await AuthService(db, info.context.deps.settings).current_user(principal)
         return user_type(user) if user else None

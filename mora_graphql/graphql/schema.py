@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import strawberry
 import structlog
 from graphql import GraphQLError, GraphQLSyntaxError
@@ -77,9 +75,6 @@ class MaskUnexpectedErrors(MaskErrors):
         masked = super().anonymise_error(error)
         masked.extensions = {"code": "INTERNAL_ERROR", "numericCode": 5001}
         return masked
-
-    def on_operation(self) -> Iterator[None]:
-        yield from super().on_operation()
 
 
 class MoraSchema(strawberry.Schema):

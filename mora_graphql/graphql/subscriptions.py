@@ -4,13 +4,10 @@ from collections.abc import AsyncGenerator
 
 import strawberry
 
-from mora_graphql.errors import BadUserInput, NotFound
-from mora_graphql.events.stream import follow_session
 from mora_graphql.events.types import SessionEvent as DomainEvent
 from mora_graphql.graphql.context import Info
 from mora_graphql.graphql.events import SessionEvent, to_graphql
 from mora_graphql.graphql.fanout import SHARED_EVENTS
-from mora_graphql.sessions.service import parse_id
 
 
 @strawberry.type
@@ -24,20 +21,8 @@ class Subscription:
     async def session_progress(
         self, info: Info, session_id: strawberry.ID, after_seq: int | None = None
     ) -> AsyncGenerator[SessionEvent, None]:
-        principal = info.context.require_user()
-        if after_seq is not None and after_seq < 0:
-            raise BadUserInput("afterSeq must not be negative.", extensions={"field": "afterSeq"})
-        ident = parse_id(session_id)
-        if ident is None:
-            raise NotFound("Session not found.")
-        services = info.context.services
-        stream = follow_session(
-            services.db,
-            services.bus,
-            ident,
-            owner_id=None if principal.is_admin else principal.user_id,
-            after_seq=after_seq,
-        )
-        async with services.limiter.subscription_slot(principal.user_id):
+        service = info.context.session_service()
+        stream = service.follow(session_id, after_seq)
+        async with info.context.deps.limiter.subscription_slot(service.principal.user_id):
             async for item in stream:
                 yield SHARED_EVENTS.get(item) if isinstance(item, DomainEvent) else to_graphql(item)

@@ -32,7 +32,9 @@ from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
 )
 from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWSHandler
 
+from mora_graphql.auth.tokens import Principal
 from mora_graphql.errors import RateLimited, Unauthenticated
+from mora_graphql.graphql.context import Context
 from mora_graphql.ratelimit import SUBSCRIPTION_RETRY_AFTER
 
 if TYPE_CHECKING:
@@ -41,9 +43,6 @@ if TYPE_CHECKING:
         Message as TransportMessage,
     )
     from strawberry.subscriptions.protocols.graphql_ws.types import OperationMessage
-
-    from mora_graphql.auth.tokens import Principal
-    from mora_graphql.graphql.context import Context
 
 log = structlog.get_logger("mora.websocket")
 
@@ -244,7 +243,7 @@ class LegacyWSHandler(_ExpiryMixin, BaseGraphQLWSHandler["Context", None]):
             await self.cleanup()
 
     async def _init_timeout(self) -> None:
-        seconds = self.context.services.settings.ws_connection_init_timeout
+        seconds = self.context.deps.settings.ws_connection_init_timeout
         await asyncio.sleep(seconds)
         if not self.connection_acknowledged:
             await self.websocket.close(CLOSE_INIT_TIMEOUT, "Connection initialisation timeout")

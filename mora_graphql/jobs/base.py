@@ -1,4 +1,4 @@
-"""The job queue interface shared by the in-process runner and procrastinate."""
+"""The job queue interface shared by the in-process runner and procrastinate, and the job."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-JobFunction = Callable[[uuid.UUID], Awaitable[None]]
+RunSession = Callable[[uuid.UUID, Callable[[], bool]], Awaitable[None]]
+"""The one job: run the pipeline for a session. The second argument, `stopping()`, tells a
+process shutdown (leave the session to be resumed) from a user cancel."""
 
 
 class JobQueue(Protocol):

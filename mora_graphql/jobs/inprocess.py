@@ -8,14 +8,17 @@ import uuid
 
 import structlog
 
-from mora_graphql.jobs.base import JobFunction
+from mora_graphql.db import Database
+from mora_graphql.jobs.base import JobQueue, RunSession
+from mora_graphql.models import ACTIVE_STATUSES
+from mora_graphql.sessions.repository import SessionRepository
 
 log = structlog.get_logger(__name__)
 
 
 class InProcessQueue:
     def __init__(
-        self, job: JobFunction, *, concurrency: int = 8, cancel_timeout: float = 5.0
+        self, job: RunSession, *, concurrency: int = 8, cancel_timeout: float = 5.0
     ) -> None:
         self.job = job
         self.cancel_timeout = cancel_timeout
@@ -67,7 +70,7 @@ class InProcessQueue:
         async with self._slots:
             self._running.add(session_id)
             try:
-                await self.job(session_id)
+                await self.job(session_id, lambda: self._closed)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -86,5 +89,12 @@ class InProcessQueue:
             await asyncio.wait_for(asyncio.shield(task), self.cancel_timeout)
         return was_running
 
-    def is_active(self, session_id: uuid.UUID) -> bool:
-        return session_id in self._tasks
+
+async def resume_unfinished(db: Database, queue: JobQueue) -> None:
+    """Queue again every session a stopped process left behind."""
+    async with db() as session:
+        ids = await SessionRepository(session).ids_with_status(ACTIVE_STATUSES)
+    for session_id in ids:
+        await queue.enqueue(session_id)
+    if ids:
+        log.info("resumed unfinished sessions", count=len(ids))

@@ -6,22 +6,23 @@ import asyncio
 import contextlib
 import datetime as dt
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import procrastinate
 import structlog
 from procrastinate import exceptions as pexc
 from procrastinate.job_context import AbortReason, JobContext
-from sqlalchemy import text
+from procrastinate.jobs import Status
 from sqlalchemy.engine import make_url
 
 from mora_graphql.db import Database
+from mora_graphql.jobs.base import RunSession
+from mora_graphql.sessions.repository import SessionRepository
 
 log = structlog.get_logger("mora.jobs")
 
 TASK_NAME = "mora.run_session"
-RunJob = Callable[[uuid.UUID, Callable[[], bool]], Awaitable[None]]
+ACTIVE_JOB_STATUSES = frozenset({Status.TODO.value, Status.DOING.value})
 
 
 def libpq_url(database_url: str) -> str:
@@ -29,7 +30,8 @@ def libpq_url(database_url: str) -> str:
     return url.render_as_string(hide_password=False)
 
 
-def build_app(database_url: str) -> procrastinate.App:
+def build_app(database_url: str, run: RunSession | None = None) -> procrastinate.App:
+    """The procrastinate app; `run` is the job body (None in a process that only defers)."""
     connector = procrastinate.PsycopgConnector(
         conninfo=libpq_url(database_url), min_size=1, max_size=4
     )
@@ -41,7 +43,8 @@ def build_app(database_url: str) -> procrastinate.App:
         retry=procrastinate.RetryStrategy(max_attempts=20, wait=1),
     )
     async def run_session(context: JobContext, session_id: str) -> None:
-        run: RunJob = context.additional_context["run"]
+        if run is None:
+            raise RuntimeError("this process only defers jobs; `mora worker` runs them")
 
         def stopping() -> bool:
             return context.abort_reason() == AbortReason.SHUTDOWN
@@ -73,13 +76,15 @@ class ProcrastinateQueue:
         with contextlib.suppress(pexc.AlreadyEnqueued):
             await task.configure(lock=key, queueing_lock=key).defer_async(session_id=key)
 
-    async def _jobs(self, session_id: uuid.UUID, status: str) -> list[Any]:
-        return list(await self.app.job_manager.list_jobs_async(lock=str(session_id), status=status))
+    async def _jobs(self, session_id: uuid.UUID, status: Status) -> list[Any]:
+        return list(
+            await self.app.job_manager.list_jobs_async(lock=str(session_id), status=status.value)
+        )
 
     async def cancel(self, session_id: uuid.UUID) -> bool:
-        for job in await self._jobs(session_id, "todo"):
+        for job in await self._jobs(session_id, Status.TODO):
             await self.app.job_manager.cancel_job_by_id_async(job.id)
-        running = await self._jobs(session_id, "doing")
+        running = await self._jobs(session_id, Status.DOING)
         if not running:
             return False
         for job in running:
@@ -91,10 +96,8 @@ class ProcrastinateQueue:
         deadline = loop.time() + self.cancel_wait
         while loop.time() < deadline:
             async with self.db() as session:
-                status = await session.scalar(
-                    text("SELECT status FROM sessions WHERE id = :id"), {"id": session_id}
-                )
-            if status in {None, "COMPLETED", "ERROR", "CANCELLED"}:
+                status = await SessionRepository(session).status_of(session_id)
+            if status is None or status.is_terminal:
                 return True
             await asyncio.sleep(0.05)
         return False
@@ -115,27 +118,13 @@ async def retry_stalled_jobs(app: procrastinate.App, *, heartbeat_timeout: float
     return len(stalled)
 
 
-_ORPHANS = text(
-    """
-    SELECT s.id FROM sessions s
-    WHERE s.status IN ('CREATED', 'PROCESSING')
-      AND s.updated_at < :cutoff
-      AND NOT EXISTS (
-        SELECT 1 FROM procrastinate_jobs j
-        WHERE j.lock = CAST(s.id AS TEXT) AND j.status IN ('todo', 'doing')
-      )
-    ORDER BY s.created_at
-    LIMIT 500
-    """
-)
-
-
 async def orphaned_sessions(db: Database, *, older_than: float) -> list[uuid.UUID]:
     """Unfinished sessions without a queued or running job."""
     cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=older_than)
     async with db() as session:
-        rows = await session.execute(_ORPHANS, {"cutoff": cutoff})
-    return [uuid.UUID(str(row[0])) for row in rows]
+        return await SessionRepository(session).without_job(
+            updated_before=cutoff, job_statuses=ACTIVE_JOB_STATUSES
+        )
 
 
 async def install_schema(app: procrastinate.App) -> bool:

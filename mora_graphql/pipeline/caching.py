@@ -21,7 +21,7 @@ from mora_graphql.models import Platform
 from mora_graphql.pipeline.prompts import PROMPT_VERSION
 from mora_graphql.pipeline.transcript import compact_lines
 from mora_graphql.providers.subtitles.base import SubtitleLine, Transcript, VideoMeta
-from mora_graphql.sessions.video_urls import VideoRef
+from mora_graphql.video_urls import VideoRef
 
 log = structlog.get_logger("mora.pipeline.cache")
 

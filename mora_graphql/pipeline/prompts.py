@@ -6,7 +6,8 @@ outputs made with older prompts are not reused.
 
 from __future__ import annotations
 
-from mora_graphql.pipeline.code import language_name, split_code_lines
+from mora_graphql.languages import language_name
+from mora_graphql.pipeline.code import split_code_lines
 from mora_graphql.pipeline.transcript import TranscriptChunk
 
 PROMPT_VERSION = "1"

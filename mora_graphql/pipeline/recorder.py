@@ -12,7 +12,7 @@ from mora_graphql.db import Database, transaction, utcnow
 from mora_graphql.errors import ErrorCode
 from mora_graphql.events.bus import EventBus
 from mora_graphql.events.types import EventKind, SessionEvent
-from mora_graphql.models import PipelineStage, SessionStatus
+from mora_graphql.models import ACTIVE_STATUSES, PipelineStage, SessionStatus
 from mora_graphql.sessions.repository import SessionRepository
 
 RESUME_SEQ_SKIP = 10_000
@@ -81,18 +81,11 @@ class SessionRecorder:
                 or row.attempt > 0
             )
             recorder.seq += 1
-            await repo.update_fields(
+            await repo.reset_run(
                 session_id,
+                ACTIVE_STATUSES,
                 status=SessionStatus.PROCESSING,
                 stage=PipelineStage.FETCHING_SUBTITLES,
-                progress=0.0,
-                generated_code=None,
-                timeline=None,
-                code_check=None,
-                usage=None,
-                error_code=None,
-                error_message=None,
-                completed_at=None,
                 attempt=row.attempt + 1,
                 last_seq=recorder.seq,
             )
@@ -184,7 +177,9 @@ class SessionRecorder:
             **fields,
         }
         async with transaction(self.db) as session:
-            active = await SessionRepository(session).update_if_active(self.session_id, **values)
+            active = await SessionRepository(session).update_if_status(
+                self.session_id, ACTIVE_STATUSES, **values
+            )
         if not active:
             raise SessionEnded(self.session_id)
 
@@ -200,8 +195,9 @@ class SessionRecorder:
     ) -> bool:
         seq = self.seq + 1
         async with transaction(self.db) as session:
-            done = await SessionRepository(session).update_if_active(
+            done = await SessionRepository(session).update_if_status(
                 self.session_id,
+                ACTIVE_STATUSES,
                 status=status,
                 stage=self.stage,
                 progress=self.progress,

@@ -28,7 +28,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 from openai.types.completion_usage import CompletionUsage
 
 from mora_graphql.config import Settings
-from mora_graphql.errors import ErrorCode, PipelineError
+from mora_graphql.errors import ErrorCode
 
 _STATUS_MESSAGES: dict[int, tuple[str, bool]] = {
     400: ("the LLM API rejected the request as invalid (400)", False),
@@ -112,9 +112,6 @@ class LLMError(Exception):
         self.retryable = retryable
         self.status = status
         self.retry_after = retry_after
-
-    def to_pipeline_error(self) -> PipelineError:
-        return PipelineError(self.code, self.message, retryable=self.retryable)
 
     def __repr__(self) -> str:
         return (

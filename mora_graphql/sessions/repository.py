@@ -7,12 +7,24 @@ import uuid
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, bindparam, delete, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
 
 from mora_graphql.db import utcnow
-from mora_graphql.models import TERMINAL_STATUSES, SessionStatus, VideoSession
+from mora_graphql.models import ACTIVE_STATUSES, SessionStatus, VideoSession
+
+RUN_RESET: dict[str, Any] = {
+    "progress": 0.0,
+    "generated_code": None,
+    "timeline": None,
+    "code_check": None,
+    "usage": None,
+    "error_code": None,
+    "error_message": None,
+    "completed_at": None,
+}
+"""What a new run of a session starts without."""
 
 
 class SessionRepository:
@@ -81,20 +93,10 @@ class SessionRepository:
             update(VideoSession).where(VideoSession.id == session_id).values(**values)
         )
 
-    async def update_if_active(self, session_id: uuid.UUID, **values: Any) -> bool:
-        """Update only while the session has not reached a terminal status."""
-        values.setdefault("updated_at", utcnow())
-        result = await self.session.execute(
-            update(VideoSession)
-            .where(VideoSession.id == session_id)
-            .where(VideoSession.status.not_in(TERMINAL_STATUSES))
-            .values(**values)
-        )
-        return bool(getattr(result, "rowcount", 0))
-
     async def update_if_status(
         self, session_id: uuid.UUID, statuses: Collection[SessionStatus], **values: Any
     ) -> bool:
+        """Update only while the session is in one of `statuses`; False when it is not."""
         values.setdefault("updated_at", utcnow())
         result = await self.session.execute(
             update(VideoSession)
@@ -104,7 +106,51 @@ class SessionRepository:
         )
         return bool(getattr(result, "rowcount", 0))
 
-    async def ids_with_status(self, statuses: Sequence[SessionStatus]) -> list[uuid.UUID]:
+    async def reset_run(
+        self, session_id: uuid.UUID, statuses: Collection[SessionStatus], **values: Any
+    ) -> bool:
+        """Clear the outputs of the previous run (while in `statuses`) and set `values`."""
+        return await self.update_if_status(session_id, statuses, **{**RUN_RESET, **values})
+
+    async def status_of(self, session_id: uuid.UUID) -> SessionStatus | None:
+        result = await self.session.scalar(
+            select(VideoSession.status).where(VideoSession.id == session_id)
+        )
+        return SessionStatus(result) if result is not None else None
+
+    async def without_job(
+        self, *, updated_before: dt.datetime, job_statuses: Collection[str], limit: int = 500
+    ) -> list[uuid.UUID]:
+        """Unfinished sessions not updated since `updated_before` that have no procrastinate
+        job in `job_statuses` (the job lock is the session id)."""
+        stmt = text(
+            """
+            SELECT s.id FROM sessions s
+            WHERE s.status IN :active
+              AND s.updated_at < :cutoff
+              AND NOT EXISTS (
+                SELECT 1 FROM procrastinate_jobs j
+                WHERE j.lock = CAST(s.id AS TEXT) AND j.status IN :job_statuses
+              )
+            ORDER BY s.created_at
+            LIMIT :limit
+            """
+        ).bindparams(
+            bindparam("active", expanding=True),
+            bindparam("job_statuses", expanding=True),
+        )
+        rows = await self.session.execute(
+            stmt,
+            {
+                "active": sorted(status.value for status in ACTIVE_STATUSES),
+                "cutoff": updated_before,
+                "job_statuses": sorted(job_statuses),
+                "limit": limit,
+            },
+        )
+        return [uuid.UUID(str(row[0])) for row in rows]
+
+    async def ids_with_status(self, statuses: Collection[SessionStatus]) -> list[uuid.UUID]:
         result = await self.session.execute(
             select(VideoSession.id)
             .where(VideoSession.status.in_(statuses))

@@ -91,9 +91,9 @@ def wired(live: LiveServer, youtube: FakeYouTube, tiktok: FakeTikTok) -> LiveSer
     """The live server with the keyless providers' HTTP layers pointed at the fakes."""
     youtube.reset()
     tiktok.reset()
-    runner = live.services.extras["runner"]
-    runner.youtube_session_factory = youtube.local_session
-    runner.ydl_factory = tiktok.ydl_factory()
+    sources = live.services.subtitles
+    sources.youtube_session_factory = youtube.local_session
+    sources.ydl_factory = tiktok.ydl_factory()
     return live
 
 
@@ -350,7 +350,7 @@ async def test_blocked_provider_falls_through_to_the_next(
     )
     openai_server.default = code_or_timeline
     async for live in start_server(make_settings(clean_db, **chain_overrides)):
-        live.services.extras["runner"].youtube_session_factory = youtube.local_session
+        live.services.subtitles.youtube_session_factory = youtube.local_session
         token = await live.register()
         session = await finished(live, token, await create(live, token, videoUrl=TEN_FORMS[1]))
     assert session["status"] == "COMPLETED", session["error"]

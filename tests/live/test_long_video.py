@@ -13,7 +13,7 @@ import pytest
 
 from mora_graphql.pipeline.timeline import TimelineSegment, check_invariants
 from mora_graphql.pipeline.transcript import chunk_transcript, estimate_tokens
-from mora_graphql.providers.subtitles.ytdlp import parse_track
+from mora_graphql.subtitle_formats import parse_track
 from tests.conftest import LiveServer
 from tests.fakes.fixtures import OPENAI_TEST_KEY, openai_server_fixture  # noqa: F401
 from tests.fakes.openai_server import JSON, FakeOpenAI, Stream

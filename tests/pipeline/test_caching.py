@@ -11,8 +11,8 @@ from mora_graphql.models import Platform
 from mora_graphql.pipeline.caching import PREFIX, CachedResult, PipelineCache, result_key
 from mora_graphql.pipeline.transcript import estimate_tokens, fit_lines
 from mora_graphql.providers.subtitles.base import SubtitleLine, Transcript, VideoMeta
-from mora_graphql.providers.subtitles.ytdlp import parse_track
-from mora_graphql.sessions.video_urls import VideoRef
+from mora_graphql.subtitle_formats import parse_track
+from mora_graphql.video_urls import VideoRef
 from tests.conftest import make_settings
 
 TRANSCRIPT = Transcript(

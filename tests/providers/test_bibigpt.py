@@ -13,7 +13,7 @@ from mora_graphql.models import Platform
 from mora_graphql.providers.retry import with_retries
 from mora_graphql.providers.subtitles.base import SubtitleLine, Transcript, VideoMeta
 from mora_graphql.providers.subtitles.bibigpt import BibiGPTError, BibiGPTProvider
-from mora_graphql.sessions.video_urls import VideoRef
+from mora_graphql.video_urls import VideoRef
 from tests.fakes.bibigpt_server import (
     API_KEY,
     BibiFail,

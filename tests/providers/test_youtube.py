@@ -11,7 +11,7 @@ from mora_graphql.errors import ErrorCode, PipelineError
 from mora_graphql.models import Platform
 from mora_graphql.providers.subtitles.blocking import BlockingPool
 from mora_graphql.providers.subtitles.youtube import YouTubeTranscriptProvider
-from mora_graphql.sessions.video_urls import VideoRef
+from mora_graphql.video_urls import VideoRef
 from tests.fakes.youtube_server import FakeYouTube, Track, YouTubeVideo, english_fixture, timedtext
 
 VIDEO_ID = "Xp4Ytb0lWxE"

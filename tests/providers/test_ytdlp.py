@@ -11,8 +11,9 @@ import pytest
 
 from mora_graphql.errors import ErrorCode, PipelineError
 from mora_graphql.providers.subtitles.blocking import BlockingPool
-from mora_graphql.providers.subtitles.ytdlp import YtDlpProvider, parse_track
-from mora_graphql.sessions.video_urls import parse_video_url
+from mora_graphql.providers.subtitles.ytdlp import YtDlpProvider
+from mora_graphql.subtitle_formats import parse_track
+from mora_graphql.video_urls import parse_video_url
 from tests.fakes.tiktok_server import USER, FakeTikTok, TikTokVideo, zh_vtt
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"

@@ -30,9 +30,7 @@ from tests.wsclient import LEGACY_WS, PROTOCOLS, TRANSPORT_WS
 
 TTL = 2
 PROGRESS = "subscription($id: ID!) { sessionProgress(sessionId: $id) { __typename seq } }"
-REFRESH = (
-    "mutation($t: String!) { refreshToken(refreshToken: $t) { accessToken refreshToken } }"
-)
+REFRESH = "mutation($t: String!) { refreshToken(refreshToken: $t) { accessToken refreshToken } }"
 
 
 @pytest.fixture

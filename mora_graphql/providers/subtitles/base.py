@@ -6,21 +6,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mora_graphql.models import Platform
-from mora_graphql.sessions.video_urls import VideoRef
+from mora_graphql.subtitle_formats import SubtitleLine
+from mora_graphql.video_urls import VideoRef
 
-
-@dataclass(frozen=True, slots=True)
-class SubtitleLine:
-    start: float
-    end: float
-    text: str
-
-    def as_json(self) -> dict[str, Any]:
-        return {"startTime": self.start, "endTime": self.end, "text": self.text}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SubtitleLine:
-        return cls(float(data["startTime"]), float(data["endTime"]), str(data["text"]))
+__all__ = ["SubtitleLine", "SubtitleProvider", "Transcript", "VideoMeta"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,8 @@ import httpx
 from mora_graphql.errors import ErrorCode, PipelineError
 from mora_graphql.models import Platform
 from mora_graphql.providers.subtitles.base import SubtitleLine, Transcript, VideoMeta
-from mora_graphql.sessions.video_urls import VideoRef
+from mora_graphql.providers.upstream import could_not_reach, unreachable
+from mora_graphql.video_urls import VideoRef
 
 DEFAULT_LINE_SECONDS = 3.0
 _MAX_MESSAGE = 300
@@ -58,17 +59,10 @@ class BibiGPTProvider:
                 timeout=self._timeout,
             )
         except httpx.TimeoutException as exc:
-            raise BibiGPTError(
-                ErrorCode.BIBIGPT_API_ERROR,
-                f"BibiGPT did not answer within {self._timeout:g}s.",
-                retryable=True,
-            ) from exc
+            message = f"BibiGPT did not answer within {self._timeout:g}s."
+            raise unreachable(message, BibiGPTError) from exc
         except httpx.RequestError as exc:
-            raise BibiGPTError(
-                ErrorCode.BIBIGPT_API_ERROR,
-                f"Could not reach BibiGPT ({type(exc).__name__}).",
-                retryable=True,
-            ) from exc
+            raise could_not_reach("BibiGPT", exc, BibiGPTError) from exc
         self._check_status(response)
         try:
             body: Any = response.json()

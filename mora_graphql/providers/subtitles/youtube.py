@@ -34,7 +34,8 @@ from mora_graphql.errors import ErrorCode, PipelineError
 from mora_graphql.models import Platform
 from mora_graphql.providers.subtitles.base import SubtitleLine, Transcript, VideoMeta
 from mora_graphql.providers.subtitles.blocking import BlockingPool, SessionFactory, TimeoutSession
-from mora_graphql.sessions.video_urls import VideoRef
+from mora_graphql.providers.upstream import could_not_reach
+from mora_graphql.video_urls import VideoRef
 
 DEFAULT_LINE_SECONDS = 3.0
 _STATUS = re.compile(r"^(\d{3})\b")
@@ -77,11 +78,7 @@ class YouTubeTranscriptProvider:
         except CouldNotRetrieveTranscript as exc:
             raise _translate(exc) from None
         except requests.RequestException as exc:
-            raise PipelineError(
-                ErrorCode.BIBIGPT_API_ERROR,
-                f"Could not reach YouTube ({type(exc).__name__}).",
-                retryable=True,
-            ) from None
+            raise could_not_reach("YouTube", exc) from None
         except (ValueError, ParseError) as exc:  # an unparsable caption body (XML or JSON)
             raise PipelineError(
                 ErrorCode.BIBIGPT_API_ERROR,

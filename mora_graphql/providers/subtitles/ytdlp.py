@@ -10,24 +10,23 @@ the BlockingPool.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import structlog
-from defusedxml import ElementTree
 from yt_dlp import YoutubeDL
 from yt_dlp.networking.exceptions import HTTPError, RequestError, TransportError
 from yt_dlp.utils import DownloadError, ExtractorError, GeoRestrictedError, UnsupportedError
 
-from mora_graphql.errors import BadUserInput, ErrorCode, PipelineError
+from mora_graphql.errors import ErrorCode, PipelineError
 from mora_graphql.models import Platform
-from mora_graphql.providers.subtitles.base import SubtitleLine, Transcript, VideoMeta
+from mora_graphql.providers.subtitles.base import Transcript, VideoMeta
 from mora_graphql.providers.subtitles.blocking import BlockingPool
-from mora_graphql.providers.subtitles.manual import parse_subtitles
-from mora_graphql.sessions.video_urls import VideoRef
+from mora_graphql.providers.upstream import unreachable
+from mora_graphql.subtitle_formats import SubtitleLine, parse_track
+from mora_graphql.video_urls import VideoRef
 
 log = structlog.get_logger("mora.subtitles.ytdlp")
 
@@ -50,7 +49,6 @@ _UNAVAILABLE = re.compile(
     r"video not found|404",
     re.IGNORECASE,
 )
-_TAG = re.compile(r"<[^>]+>")
 
 
 class _Logger:
@@ -254,88 +252,8 @@ def _translate(exc: Exception) -> PipelineError:
     if isinstance(cause, TransportError) or isinstance(
         getattr(cause, "cause", None), TransportError
     ):
-        return PipelineError(
-            ErrorCode.BIBIGPT_API_ERROR,
-            "Could not reach the video platform (network error).",
-            retryable=True,
-        )
+        return unreachable("Could not reach the video platform (network error).")
     return PipelineError(
         ErrorCode.BIBIGPT_API_ERROR,
         f"yt-dlp could not read this video: {message[:200]}",
     )
-
-
-# Track formats.
-
-
-def parse_track(ext: str, data: str) -> list[SubtitleLine]:
-    """Subtitle lines from a track in one of FORMAT_PREFERENCE; [] when unreadable."""
-    try:
-        if ext in {"vtt", "srt"}:
-            return parse_subtitles(data)
-        if ext == "json3":
-            return _json3(json.loads(data))
-        if ext == "json":
-            return _bilibili_json(json.loads(data))
-        if ext in {"srv1", "srv3", "ttml"}:
-            return _xml(data)
-    except (BadUserInput, ValueError, TypeError, KeyError, ElementTree.ParseError) as exc:
-        log.info("unreadable subtitle track", ext=ext, error=type(exc).__name__)
-    return []
-
-
-def _ordered(items: Iterable[tuple[float, float, str]]) -> list[SubtitleLine]:
-    lines = []
-    for start, end, text in sorted(items, key=lambda item: item[0]):
-        clean = " ".join(_TAG.sub("", text).split())
-        if clean and math.isfinite(start) and start >= 0:
-            lines.append(SubtitleLine(start, max(end, start), clean))
-    return lines
-
-
-def _json3(body: Any) -> list[SubtitleLine]:
-    """YouTube's timedtext `fmt=json3`: events with tStartMs, dDurationMs and segs."""
-    items = []
-    for event in body.get("events") or []:
-        segs = event.get("segs")
-        if not isinstance(segs, list) or "tStartMs" not in event:
-            continue
-        text = "".join(str(seg.get("utf8", "")) for seg in segs if isinstance(seg, dict))
-        start = float(event["tStartMs"]) / 1000
-        end = start + float(event.get("dDurationMs") or 0) / 1000
-        items.append((start, end, text))
-    return _ordered(items)
-
-
-def _bilibili_json(body: Any) -> list[SubtitleLine]:
-    """Bilibili's subtitle JSON: body of {from, to, content}."""
-    return _ordered(
-        (float(item["from"]), float(item["to"]), str(item["content"]))
-        for item in body.get("body") or []
-        if isinstance(item, dict)
-    )
-
-
-def _xml(data: str) -> list[SubtitleLine]:
-    """srv1 (`<text start dur>` seconds), srv3 (`<p t d>` milliseconds) and simple TTML."""
-    root = ElementTree.fromstring(data)
-    items = []
-    for element in root.iter():
-        tag = element.tag.rsplit("}", 1)[-1]
-        text = "".join(element.itertext())
-        if tag == "text" and "start" in element.attrib:
-            start = float(element.attrib["start"])
-            items.append((start, start + float(element.attrib.get("dur", 0)), text))
-        elif tag == "p" and "t" in element.attrib:
-            start = float(element.attrib["t"]) / 1000
-            items.append((start, start + float(element.attrib.get("d", 0)) / 1000, text))
-        elif tag == "p" and "begin" in element.attrib:
-            items.append((_clock(element.attrib["begin"]), _clock(element.attrib["end"]), text))
-    return _ordered(items)
-
-
-def _clock(value: str) -> float:
-    total = 0.0
-    for part in value.rstrip("s").split(":"):
-        total = total * 60 + float(part)
-    return total

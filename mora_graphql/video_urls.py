@@ -4,22 +4,17 @@ Every form of one video gives the same `canonical_id` (`youtube:ID`, `bilibili:B
 `tiktok:ID`, `douyin:ID`), so caches keyed by it hit across forms. Short links
 (b23.tv, vm./vt.tiktok.com, tiktok.com/t/, v.douyin.com) only carry a code: they get a
 provisional id (`b23:CODE`, `tiktok-short:CODE`, `douyin-short:CODE`) and
-`resolve_short_link` follows their redirect to the canonical one.
+`mora_graphql.providers.short_links` follows their redirect to the canonical one.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qs, unquote, urljoin, urlsplit
-
-import httpx
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from mora_graphql.errors import (
-    ErrorCode,
     InvalidVideoUrl,
-    MoraError,
-    PipelineError,
     UnsupportedPlatform,
 )
 from mora_graphql.models import Platform
@@ -49,7 +44,6 @@ PLATFORM_HOSTS = frozenset(
     {*_YOUTUBE_HOSTS, "youtu.be", *_BILIBILI_HOSTS, *_TIKTOK_HOSTS, *_DOUYIN_HOSTS}
     | SHORT_LINK_HOSTS
 )
-MAX_REDIRECTS = 5
 
 _AV_XOR = 23442827791579
 _AV_MAX = 1 << 51
@@ -83,7 +77,7 @@ def av_to_bv(aid: int) -> str:
     return "".join(chars)
 
 
-def _host(netloc: str) -> str:
+def host_of(netloc: str) -> str:
     host = netloc.lower().rsplit("@", 1)[-1].split(":", 1)[0].rstrip(".")
     return host.removeprefix("www.")
 
@@ -219,7 +213,7 @@ def parse_video_url(raw: str, *, max_length: int = 2048) -> VideoRef:
         raise InvalidVideoUrl("videoUrl must be an http(s) link to a video.")
     if "@" in parts.netloc or any(ch.isspace() for ch in text):
         raise InvalidVideoUrl("videoUrl is not a valid URL.")
-    host = _host(parts.netloc)
+    host = host_of(parts.netloc)
     query = parse_qs(parts.query)
     segments = [p for p in parts.path.split("/") if p]
 
@@ -242,59 +236,4 @@ def parse_video_url(raw: str, *, max_length: int = 2048) -> VideoRef:
         return _douyin(segments, query)
     raise UnsupportedPlatform(
         f"Videos from {host} are not supported; use YouTube, Bilibili, TikTok or Douyin."
-    )
-
-
-def _allowed(url: str, allowed_hosts: frozenset[str]) -> bool:
-    parts = urlsplit(url)
-    return parts.scheme in {"http", "https"} and _host(parts.netloc) in allowed_hosts
-
-
-async def resolve_short_link(
-    client: httpx.AsyncClient,
-    video: VideoRef,
-    *,
-    request_timeout: float,
-    start_url: str | None = None,
-    allowed_hosts: frozenset[str] = PLATFORM_HOSTS,
-) -> VideoRef:
-    """The canonical reference a short link redirects to.
-
-    Redirects are followed one hop at a time with HEAD (GET without reading the body
-    when HEAD is refused), only to the platforms' own hosts, and stop as soon as a
-    `Location` parses to a canonical id, so the video page itself is never fetched.
-    `start_url` replaces `video.url` as the first hop (tests point it at a local server).
-    """
-    if not video.is_short_link:
-        return video
-    url = start_url or video.url
-    hosts = allowed_hosts | {_host(urlsplit(url).netloc)}
-    try:
-        for _ in range(MAX_REDIRECTS):
-            if not _allowed(url, hosts):
-                break
-            response = await client.head(url, follow_redirects=False, timeout=request_timeout)
-            if response.status_code in {403, 404, 405, 501}:
-                async with client.stream(
-                    "GET", url, follow_redirects=False, timeout=request_timeout
-                ) as streamed:
-                    response = streamed
-            location = response.headers.get("location")
-            if not response.is_redirect or not location:
-                break
-            url = urljoin(url, location)
-            try:
-                ref = parse_video_url(url)
-            except MoraError:
-                continue
-            if not ref.is_short_link:
-                return ref
-    except httpx.HTTPError as exc:
-        raise PipelineError(
-            ErrorCode.BIBIGPT_API_ERROR,
-            f"Could not resolve the short link {video.url} ({type(exc).__name__}).",
-            retryable=True,
-        ) from exc
-    raise PipelineError(
-        ErrorCode.INVALID_VIDEO_URL, f"The short link {video.url} does not lead to a video."
     )

@@ -4,11 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mora_graphql.errors import BadUserInput, ErrorCode, PipelineError
-from mora_graphql.models import Platform
-from mora_graphql.providers.subtitles.base import SubtitleLine, VideoMeta
-from mora_graphql.providers.subtitles.manual import ManualProvider, parse_subtitles
-from mora_graphql.sessions.video_urls import VideoRef
+from mora_graphql.errors import BadUserInput, ErrorCode
+from mora_graphql.subtitle_formats import SubtitleLine, parse_subtitles
 
 SRT = """1
 00:00:01,000 --> 00:00:04,000
@@ -225,25 +222,6 @@ def test_srt_round_trip(raw: list[tuple[int, int, list[str]]]) -> None:
         text = f"{index}: " + " ".join(parts)
         expected.append(SubtitleLine(start_ms / 1000, (start_ms + length_ms) / 1000, text))
     assert parse_subtitles(_srt(expected)) == expected
-
-
-async def test_manual_provider_returns_the_lines() -> None:
-    lines = parse_subtitles(SRT)
-    meta = VideoMeta(title="Uploaded", duration=60.0)
-    provider = ManualProvider(lines, meta)
-    video = VideoRef(Platform.YOUTUBE, "youtube:dQw4w9WgXcQ", "https://youtu.be/dQw4w9WgXcQ")
-    transcript = await provider.fetch(video)
-    assert provider.name == "manual"
-    assert transcript.source == "manual"
-    assert transcript.info == meta
-    assert transcript.lines == tuple(lines)
-
-
-async def test_manual_provider_without_lines() -> None:
-    video = VideoRef(Platform.YOUTUBE, "youtube:dQw4w9WgXcQ", "https://youtu.be/dQw4w9WgXcQ")
-    with pytest.raises(PipelineError) as info:
-        await ManualProvider([], VideoMeta()).fetch(video)
-    assert info.value.code is ErrorCode.NO_SUBTITLE
 
 
 def test_whitespace_only_separator_lines() -> None:

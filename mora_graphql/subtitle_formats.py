@@ -1,15 +1,37 @@
-"""User-supplied subtitles: an SRT / WebVTT parser and a provider for pre-parsed lines."""
+"""Subtitle text formats: SRT and WebVTT (user uploads, downloaded tracks), YouTube json3,
+srv1/srv3/TTML XML and Bilibili's JSON, all read into `SubtitleLine`s."""
 
 from __future__ import annotations
 
 import html
+import json
+import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
-from mora_graphql.errors import BadUserInput, ErrorCode, PipelineError
-from mora_graphql.providers.subtitles.base import SubtitleLine, Transcript, VideoMeta
-from mora_graphql.sessions.video_urls import VideoRef
+import structlog
+from defusedxml import ElementTree
+
+from mora_graphql.errors import BadUserInput
+
+log = structlog.get_logger("mora.subtitles")
+
+
+@dataclass(frozen=True, slots=True)
+class SubtitleLine:
+    start: float
+    end: float
+    text: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"startTime": self.start, "endTime": self.end, "text": self.text}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SubtitleLine:
+        return cls(float(data["startTime"]), float(data["endTime"]), str(data["text"]))
+
 
 _TIMING = re.compile(r"^\s*(?P<start>\S+?)\s*-->\s*(?P<end>\S+)(?:\s+.*)?$")
 _TIMESTAMP = re.compile(
@@ -208,16 +230,77 @@ def _snippet(text: str) -> str:
     return text if len(text) <= _SNIPPET else text[: _SNIPPET - 1] + "…"
 
 
-class ManualProvider:
-    """Serves subtitles the user uploaded (already parsed)."""
+_TAG = re.compile(r"<[^>]+>")
 
-    name = "manual"
 
-    def __init__(self, lines: Sequence[SubtitleLine], info: VideoMeta | None = None) -> None:
-        self.lines = tuple(lines)
-        self.info = info or VideoMeta()
+def parse_track(ext: str, data: str) -> list[SubtitleLine]:
+    """Subtitle lines from a track in one of FORMAT_PREFERENCE; [] when unreadable."""
+    try:
+        if ext in {"vtt", "srt"}:
+            return parse_subtitles(data)
+        if ext == "json3":
+            return _json3(json.loads(data))
+        if ext == "json":
+            return _bilibili_json(json.loads(data))
+        if ext in {"srv1", "srv3", "ttml"}:
+            return _xml(data)
+    except (BadUserInput, ValueError, TypeError, KeyError, ElementTree.ParseError) as exc:
+        log.info("unreadable subtitle track", ext=ext, error=type(exc).__name__)
+    return []
 
-    async def fetch(self, video: VideoRef) -> Transcript:
-        if not self.lines:
-            raise PipelineError(ErrorCode.NO_SUBTITLE, "The uploaded subtitles contain no lines.")
-        return Transcript(info=self.info, lines=self.lines, source=self.name)
+
+def _ordered(items: Iterable[tuple[float, float, str]]) -> list[SubtitleLine]:
+    lines = []
+    for start, end, text in sorted(items, key=lambda item: item[0]):
+        clean = " ".join(_TAG.sub("", text).split())
+        if clean and math.isfinite(start) and start >= 0:
+            lines.append(SubtitleLine(start, max(end, start), clean))
+    return lines
+
+
+def _json3(body: Any) -> list[SubtitleLine]:
+    """YouTube's timedtext `fmt=json3`: events with tStartMs, dDurationMs and segs."""
+    items = []
+    for event in body.get("events") or []:
+        segs = event.get("segs")
+        if not isinstance(segs, list) or "tStartMs" not in event:
+            continue
+        text = "".join(str(seg.get("utf8", "")) for seg in segs if isinstance(seg, dict))
+        start = float(event["tStartMs"]) / 1000
+        end = start + float(event.get("dDurationMs") or 0) / 1000
+        items.append((start, end, text))
+    return _ordered(items)
+
+
+def _bilibili_json(body: Any) -> list[SubtitleLine]:
+    """Bilibili's subtitle JSON: body of {from, to, content}."""
+    return _ordered(
+        (float(item["from"]), float(item["to"]), str(item["content"]))
+        for item in body.get("body") or []
+        if isinstance(item, dict)
+    )
+
+
+def _xml(data: str) -> list[SubtitleLine]:
+    """srv1 (`<text start dur>` seconds), srv3 (`<p t d>` milliseconds) and simple TTML."""
+    root = ElementTree.fromstring(data)
+    items = []
+    for element in root.iter():
+        tag = element.tag.rsplit("}", 1)[-1]
+        text = "".join(element.itertext())
+        if tag == "text" and "start" in element.attrib:
+            start = float(element.attrib["start"])
+            items.append((start, start + float(element.attrib.get("dur", 0)), text))
+        elif tag == "p" and "t" in element.attrib:
+            start = float(element.attrib["t"]) / 1000
+            items.append((start, start + float(element.attrib.get("d", 0)) / 1000, text))
+        elif tag == "p" and "begin" in element.attrib:
+            items.append((_clock(element.attrib["begin"]), _clock(element.attrib["end"]), text))
+    return _ordered(items)
+
+
+def _clock(value: str) -> float:
+    total = 0.0
+    for part in value.rstrip("s").split(":"):
+        total = total * 60 + float(part)
+    return total

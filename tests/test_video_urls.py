@@ -1,28 +1,16 @@
-"""Every common link form of a video gives one canonical id; short links resolve by redirect."""
+"""Every common link form of a video gives one canonical id."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from urllib.parse import quote
 
-import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import PlainTextResponse, RedirectResponse, Response
-from starlette.routing import Route
 
-from mora_graphql.errors import ErrorCode, InvalidVideoUrl, MoraError, PipelineError
+from mora_graphql.errors import ErrorCode, InvalidVideoUrl, MoraError
 from mora_graphql.models import Platform
-from mora_graphql.sessions.video_urls import (
-    VideoRef,
-    av_to_bv,
-    parse_video_url,
-    resolve_short_link,
-)
-from tests.fakes.server import ServerThread
+from mora_graphql.video_urls import VideoRef, av_to_bv, parse_video_url
 
 YT = "dQw4w9WgXcQ"
 YOUTUBE_FORMS = [
@@ -255,78 +243,3 @@ def test_property_any_text_parses_or_raises_a_mora_error(text: str) -> None:
     }
     assert ref.url.startswith("https://")
     assert parse_video_url(ref.url).canonical_id == ref.canonical_id
-
-
-# Short-link resolution over a real socket.
-
-
-@pytest.fixture(scope="module")
-def shortener() -> Iterator[ServerThread]:
-    async def hop(request: Request) -> Response:
-        code = request.path_params["code"]
-        if request.method == "HEAD" and code == "gethead":
-            return Response(status_code=405)
-        targets = {
-            "bili": f"https://www.bilibili.com/video/{BV}?share_source=copy_web&p=1",
-            "tiktok": "https://www.tiktok.com/@codewithmora/video/7301234567890123456?_r=1",
-            "douyin": "https://www.iesdouyin.com/share/video/7301234567890123456/?region=CN",
-            "twice": "/s/bili",
-            "gethead": "/s/tiktok",
-            "evil": "http://169.254.169.254/latest/meta-data",
-            "loop": "/s/loop",
-        }
-        if code not in targets:
-            return PlainTextResponse("not found", status_code=404)
-        return RedirectResponse(targets[code], status_code=302)
-
-    app = Starlette(routes=[Route("/s/{code}", hop, methods=["GET", "HEAD"])])
-    server = ServerThread(app).start()
-    yield server
-    server.stop()
-
-
-@pytest.mark.parametrize(
-    ("code", "expected"),
-    [
-        ("bili", f"bilibili:{BV}"),
-        ("tiktok", "tiktok:7301234567890123456"),
-        ("douyin", "douyin:7301234567890123456"),
-        ("twice", f"bilibili:{BV}"),
-        ("gethead", "tiktok:7301234567890123456"),
-    ],
-)
-async def test_resolve_short_link(shortener: ServerThread, code: str, expected: str) -> None:
-    short = parse_video_url("https://b23.tv/aBc12De")
-    async with httpx.AsyncClient() as client:
-        ref = await resolve_short_link(
-            client, short, request_timeout=5, start_url=f"{shortener.url}/s/{code}"
-        )
-    assert ref.canonical_id == expected
-    assert not ref.is_short_link
-
-
-@pytest.mark.parametrize("code", ["evil", "loop", "missing"])
-async def test_resolve_short_link_failures(shortener: ServerThread, code: str) -> None:
-    short = parse_video_url("https://b23.tv/aBc12De")
-    async with httpx.AsyncClient() as client:
-        with pytest.raises(PipelineError) as caught:
-            await resolve_short_link(
-                client, short, request_timeout=5, start_url=f"{shortener.url}/s/{code}"
-            )
-    assert caught.value.code is ErrorCode.INVALID_VIDEO_URL
-
-
-async def test_resolve_short_link_network_error_is_retryable() -> None:
-    short = parse_video_url("https://b23.tv/aBc12De")
-    async with httpx.AsyncClient() as client:
-        with pytest.raises(PipelineError) as caught:
-            await resolve_short_link(
-                client, short, request_timeout=2, start_url="http://127.0.0.1:9/x"
-            )
-    assert caught.value.retryable
-
-
-async def test_canonical_links_need_no_resolution() -> None:
-    ref = parse_video_url(f"https://youtu.be/{YT}")
-    async with httpx.AsyncClient() as client:
-        assert await resolve_short_link(client, ref, request_timeout=1) is ref

@@ -1,0 +1,151 @@
+"""The composition root: every long-lived object of a process, built once, in one place.
+
+Only the entry points (`app`, `worker`, `cli`) see a `Runtime`; each consumer receives the
+few interfaces it uses (the GraphQL context, the session service, the pipeline runner, the
+queues), never the whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Literal
+
+import httpx
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from mora_graphql.cache import Cache, MemoryCache, RedisCache
+from mora_graphql.config import Settings
+from mora_graphql.db import Database, create_engine, create_sessionmaker
+from mora_graphql.events.bus import EventBus, MemoryEventBus
+from mora_graphql.events.redis_bus import RedisEventBus
+from mora_graphql.jobs.base import JobQueue
+from mora_graphql.jobs.inprocess import InProcessQueue, resume_unfinished
+from mora_graphql.pipeline.caching import PipelineCache
+from mora_graphql.pipeline.context import PipelineDeps
+from mora_graphql.pipeline.run import PipelineRunner
+from mora_graphql.providers.llm import LLMClient
+from mora_graphql.providers.subtitles.chain import SubtitleSources
+from mora_graphql.ratelimit import RateLimiter
+from mora_graphql.sessions.service import SessionDeps
+
+Role = Literal["api", "worker"]
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: AsyncEngine
+    db: Database
+    http: httpx.AsyncClient
+    redis: Redis | None
+    bus: EventBus
+    cache: Cache
+    limiter: RateLimiter
+    llm: LLMClient
+    subtitles: SubtitleSources
+    runner: PipelineRunner
+    queue: JobQueue
+
+    @property
+    def sessions(self) -> SessionDeps:
+        return SessionDeps(
+            db=self.db,
+            queue=self.queue,
+            bus=self.bus,
+            max_video_url_length=self.settings.max_video_url_length,
+            max_subtitles_bytes=self.settings.max_subtitles_bytes,
+        )
+
+    async def database_ready(self) -> bool:
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+        return True
+
+    async def redis_ready(self) -> bool | None:
+        """None without Redis; False when it does not answer within two seconds."""
+        if self.redis is None:
+            return None
+        try:
+            return bool(await asyncio.wait_for(self.redis.ping(), 2))
+        except (RedisError, OSError, TimeoutError):
+            return False
+
+    async def aclose(self) -> None:
+        await self.limiter.aclose()
+        await self.queue.stop()
+        await self.llm.aclose()
+        self.subtitles.close()
+        await self.bus.close()
+        if self.redis is not None:
+            await self.redis.aclose()
+        await self.http.aclose()
+        await self.engine.dispose()
+
+
+async def build_runtime(settings: Settings, *, role: Role = "api") -> Runtime:
+    """With the in-process backend the API process also runs the jobs and resumes the sessions
+    a previous process left unfinished; with procrastinate the workers (`role="worker"`) do."""
+    engine = create_engine(settings)
+    db = create_sessionmaker(engine)
+    http = httpx.AsyncClient(timeout=settings.bibigpt_timeout, follow_redirects=True)
+    redis = (
+        Redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=15)
+        if settings.redis_url
+        else None
+    )
+    bus: EventBus
+    cache: Cache
+    if redis is not None:
+        bus = RedisEventBus(
+            redis, retention=settings.event_retention, buffer=settings.subscriber_buffer
+        )
+        cache = RedisCache(redis)
+    else:
+        bus = MemoryEventBus(retention=settings.event_retention, buffer=settings.subscriber_buffer)
+        cache = MemoryCache()
+    llm = LLMClient(settings)
+    subtitles = SubtitleSources(settings, http)
+    runner = PipelineRunner(
+        PipelineDeps(
+            settings=settings,
+            db=db,
+            bus=bus,
+            llm=llm,
+            cache=PipelineCache(cache, settings),
+            subtitles=subtitles,
+            http=http,
+        )
+    )
+    queue: JobQueue
+    if settings.uses_procrastinate:
+        from mora_graphql.jobs.procrastinate_queue import ProcrastinateQueue, build_app
+
+        queue = ProcrastinateQueue(
+            build_app(settings.database_url, runner.run if role == "worker" else None), db
+        )
+    else:
+        queue = InProcessQueue(runner.run, concurrency=settings.job_concurrency)
+    runtime = Runtime(
+        settings=settings,
+        engine=engine,
+        db=db,
+        http=http,
+        redis=redis,
+        bus=bus,
+        cache=cache,
+        limiter=RateLimiter(settings),
+        llm=llm,
+        subtitles=subtitles,
+        runner=runner,
+        queue=queue,
+    )
+    if isinstance(bus, RedisEventBus):
+        await bus.start()
+    await queue.start()
+    if not settings.uses_procrastinate and role == "api":
+        await resume_unfinished(db, queue)
+    return runtime
