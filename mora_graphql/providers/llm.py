@@ -13,13 +13,11 @@ exception types, so `_translate` maps every failure in one place.
 from __future__ import annotations
 
 import re
-import ssl
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal, TypeGuard, cast
 
-import anyio
 import httpx
 import httpx2
 import openai
@@ -29,6 +27,7 @@ from openai.types.completion_usage import CompletionUsage
 
 from mora_graphql.config import Settings
 from mora_graphql.errors import ErrorCode
+from mora_graphql.providers.sse import sse_data
 
 _STATUS_MESSAGES: dict[int, tuple[str, bool]] = {
     400: ("the LLM API rejected the request as invalid (400)", False),
@@ -41,18 +40,6 @@ _STATUS_MESSAGES: dict[int, tuple[str, bool]] = {
 }
 _SECRETISH = re.compile(r"\b(?:sk|pk|key)-[A-Za-z0-9_\-*]{6,}", re.IGNORECASE)
 _MAX_DETAIL = 300
-# What the SDK's own stream iterator maps to APITimeoutError / APIConnectionError while it
-# reads the body (legacy httpx included, since callers may pass an httpx client).
-_TIMEOUT_ERRORS: tuple[type[Exception], ...] = (httpx2.TimeoutException, httpx.TimeoutException)
-_TRANSPORT_ERRORS: tuple[type[Exception], ...] = (
-    httpx2.RequestError,
-    httpx.RequestError,
-    ssl.SSLError,
-    anyio.EndOfStream,
-)
-# After `[DONE]`, how long the rest of an HTTP/1.1 body may take to arrive, so that the
-# connection goes back to the pool instead of being closed.
-_DRAIN_TIMEOUT = 0.1
 
 
 @dataclass(frozen=True)
@@ -174,7 +161,7 @@ class LLMClient:
             )
             async with (
                 request as response,
-                aclosing(_sse_data(response.http_response)) as events,
+                aclosing(sse_data(response.http_response)) as events,
             ):
                 async for payload in events:
                     chunk = orjson.loads(payload)
@@ -296,85 +283,6 @@ class LLMClient:
         if self._api_key:
             text = text.replace(self._api_key, "***")
         return _SECRETISH.sub("***", text)
-
-
-async def _sse_data(response: httpx2.Response) -> AsyncGenerator[bytes, None]:
-    """The `data` of each server-sent event up to `[DONE]`; transport failures while reading
-    are raised as the SDK's APITimeoutError / APIConnectionError, as its own stream does."""
-    decoder = _SSEDecoder()
-    body = response.aiter_bytes()
-    try:
-        async with aclosing(body):
-            async for raw in body:
-                for data in decoder.feed(raw):
-                    if data.startswith(b"[DONE]"):
-                        if response.http_version == "HTTP/1.1":
-                            await _drain(body)
-                        return
-                    yield data
-    except _TIMEOUT_ERRORS as exc:
-        raise openai.APITimeoutError(request=response.request) from exc
-    except _TRANSPORT_ERRORS as exc:
-        raise openai.APIConnectionError(request=response.request) from exc
-
-
-async def _drain(body: AsyncIterator[bytes]) -> None:
-    """Read what follows `[DONE]` (normally just the end of the chunked body), briefly."""
-    try:
-        with anyio.move_on_after(_DRAIN_TIMEOUT):
-            async for _ in body:
-                pass
-    except _TRANSPORT_ERRORS:
-        pass  # the answer is complete; the connection is simply not reused
-
-
-class _SSEDecoder:
-    """Incremental server-sent events decoder: bytes in, each complete event's data out.
-
-    Lines end with LF, CRLF or CR, even when a CRLF is split between two reads; comments
-    (`: keep-alive`) and the `event`, `id` and `retry` fields are ignored; several `data`
-    lines of one event are joined with LF; an event without data, or one cut off by the end
-    of the body, is not dispatched (the WHATWG event-stream rules).
-    """
-
-    __slots__ = ("_data", "_partial", "_skip_lf")
-
-    def __init__(self) -> None:
-        self._partial = bytearray()  # the unterminated last line so far
-        self._data: list[bytes] = []  # the data lines of the event being read
-        self._skip_lf = False  # the previous read ended with CR
-
-    def feed(self, chunk: bytes) -> list[bytes]:
-        if self._skip_lf and chunk[:1] == b"\n":
-            chunk = chunk[1:]
-        if b"\r" in chunk:
-            self._skip_lf = chunk.endswith(b"\r")
-            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        else:
-            self._skip_lf = False
-        end = chunk.rfind(b"\n")
-        if end < 0:
-            self._partial += chunk
-            return []
-        if self._partial:
-            self._partial += chunk[:end]
-            block = bytes(self._partial)
-            self._partial = bytearray(chunk[end + 1 :])
-        else:
-            block = chunk[:end]
-            self._partial += chunk[end + 1 :]
-        events: list[bytes] = []
-        data = self._data
-        for line in block.split(b"\n"):
-            if line.startswith(b"data:"):
-                data.append(line[6:] if line[5:6] == b" " else line[5:])
-            elif line == b"data":  # a field without a colon has an empty value
-                data.append(b"")
-            elif not line and data:  # a blank line ends the event
-                events.append(data[0] if len(data) == 1 else b"\n".join(data))
-                data.clear()
-            # anything else is a comment, an unused field or a blank line after no data
-        return events
 
 
 def _stream_error(error: object, request: httpx2.Request) -> openai.APIError:
