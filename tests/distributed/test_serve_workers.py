@@ -12,10 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
-from tests.conftest import SECRET, TEST_DATABASE_URL, TEST_REDIS_URL, unavailable
+from tests.conftest import SECRET, TEST_DATABASE_URL, TEST_REDIS_URL
+from tests.distributed.databases import fresh_database
 
 
 def free_port() -> int:
@@ -88,19 +87,8 @@ def server_processes(pid: int) -> list[int]:
 @pytest.mark.postgres
 @pytest.mark.redis
 def test_two_processes_serve_one_port_and_stop_gracefully(redis_url: str) -> None:
-    url = make_url(TEST_DATABASE_URL).set(
-        database=make_url(TEST_DATABASE_URL).database + "_workers"
-    )
-    admin_url = url.set(drivername="postgresql+psycopg", database="postgres")
-    try:
-        admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
-            conn.execute(text(f'CREATE DATABASE "{url.database}"'))
-        admin.dispose()
-    except Exception as exc:
-        unavailable(f"PostgreSQL not reachable: {type(exc).__name__}: {exc}")
-    env = base_env(DATABASE_URL=url.render_as_string(hide_password=False), REDIS_URL=redis_url)
+    database = fresh_database("workers")
+    env = base_env(DATABASE_URL=database, REDIS_URL=redis_url)
     migrate = subprocess.run(
         [sys.executable, "-m", "mora_graphql.cli", "migrate"],
         env=env,

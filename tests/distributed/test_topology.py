@@ -18,7 +18,8 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from tests.conftest import SECRET, TEST_DATABASE_URL, TEST_REDIS_URL, unavailable
+from tests.conftest import SECRET, TEST_REDIS_URL
+from tests.distributed.databases import fresh_database
 from tests.fakes.fixtures import OPENAI_TEST_KEY
 from tests.fakes.openai_server import JSON, FakeOpenAI, Script, Stream
 from tests.wsclient import LEGACY_WS, TRANSPORT_WS, collect
@@ -60,19 +61,7 @@ def responder(body: dict[str, Any]) -> Script:
 
 @pytest.fixture
 def database() -> str:
-    url = make_url(TEST_DATABASE_URL).set(
-        database=make_url(TEST_DATABASE_URL).database + "_topology"
-    )
-    admin_url = url.set(drivername="postgresql+psycopg", database="postgres")
-    try:
-        admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
-            conn.execute(text(f'CREATE DATABASE "{url.database}"'))
-        admin.dispose()
-    except Exception as exc:
-        unavailable(f"PostgreSQL not reachable: {type(exc).__name__}: {exc}")
-    return url.render_as_string(hide_password=False)
+    return fresh_database("topology")
 
 
 class Cluster:
