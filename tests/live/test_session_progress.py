@@ -543,7 +543,7 @@ def _metric(text: str, name: str, labels: str) -> float:
 async def test_subscribers_with_one_document_share_each_execution(
     live: LiveServer, openai_server: FakeOpenAI
 ) -> None:
-    openai_server.enqueue(Hang(1.0, then=code_stream()), JSON(json.dumps(TIMELINE)))
+    openai_server.enqueue(Hang(3.0, then=code_stream()), JSON(json.dumps(TIMELINE)))
     token = await live.register()
     session_id = await start(live, token, subtitles=SRT)
     before = (await live.http.get("/metrics")).text
