@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -25,25 +24,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from starlette.websockets import WebSocket
-from strawberry.asgi import GraphQL
-from strawberry.exceptions import ConnectionRejectionError
-from strawberry.types.unset import UnsetType
 
-from mora_graphql.auth.tokens import bearer_token, decode_access_token
 from mora_graphql.cache import Cache, MemoryCache, RedisCache
 from mora_graphql.config import Settings, get_settings
 from mora_graphql.db import Database, create_engine, create_sessionmaker
-from mora_graphql.errors import MoraError
 from mora_graphql.events.bus import EventBus, MemoryEventBus
 from mora_graphql.events.redis_bus import RedisEventBus
-from mora_graphql.graphql.context import Context
+from mora_graphql.graphql.http import MoraGraphQL
 from mora_graphql.graphql.schema import build_schema
-from mora_graphql.graphql.websocket import (
-    LegacyWSHandler,
-    LimitedWebSocketAdapter,
-    TransportWSHandler,
-)
 from mora_graphql.jobs.base import JobQueue
 from mora_graphql.logging import configure_logging, register_secrets, settings_secrets
 from mora_graphql.ratelimit import RateLimiter
@@ -154,52 +142,6 @@ def _redis_probe(redis: Redis) -> Callable[[], Awaitable[bool]]:
             return False
 
     return ping
-
-
-class MoraGraphQL(GraphQL[Context, None]):
-    websocket_adapter_class = LimitedWebSocketAdapter
-    graphql_transport_ws_handler_class = TransportWSHandler
-    graphql_ws_handler_class = LegacyWSHandler
-
-    def __init__(
-        self, services_ref: Callable[[], Services], *, max_ws_message_bytes: int = 0, **kwargs: Any
-    ) -> None:
-        super().__init__(**kwargs)
-        self._services = services_ref
-        self.max_ws_message_bytes = max_ws_message_bytes
-
-    def decode_json(self, data: str | bytes) -> object:
-        """Undecodable or too deeply nested JSON is a malformed request (400), not a 500."""
-        try:
-            return super().decode_json(data)
-        except (RecursionError, UnicodeDecodeError) as exc:
-            raise json.JSONDecodeError("The body is not valid JSON", "", 0) from exc
-
-    def parse_json(self, data: str | bytes) -> dict[str, object] | list[object]:
-        parsed = super().parse_json(data)
-        if not isinstance(parsed, dict | list):
-            raise json.JSONDecodeError("The body must be a JSON object", "", 0)
-        return parsed
-
-    async def get_context(
-        self, request: Request | WebSocket, response: Response | WebSocket
-    ) -> Context:
-        return Context(services=self._services(), request=request, response=response)
-
-    async def on_ws_connect(self, context: Context) -> UnsetType | dict[str, object] | None:
-        params = context.connection_params if isinstance(context.connection_params, dict) else {}
-        raw = params.get("Authorization") or params.get("authorization") or params.get("authToken")
-        if raw is None:
-            context.set_principal(None)
-            return None
-        try:
-            token = bearer_token(str(raw))
-            context.set_principal(
-                decode_access_token(context.services.settings, token) if token else None
-            )
-        except MoraError as exc:
-            raise ConnectionRejectionError({"code": exc.code.name, "message": exc.message}) from exc
-        return None
 
 
 class RequestIdMiddleware:
