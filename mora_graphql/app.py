@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
@@ -19,22 +17,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from starlette.websockets import WebSocket
-from strawberry.asgi import GraphQL
-from strawberry.exceptions import ConnectionRejectionError
-from strawberry.types.unset import UnsetType
 
-from mora_graphql.auth.tokens import bearer_token, decode_access_token
 from mora_graphql.config import Settings, get_settings
-from mora_graphql.errors import MoraError
 from mora_graphql.graphiql import graphiql_assets, graphiql_routes
-from mora_graphql.graphql.context import Context, GraphQLDeps
+from mora_graphql.graphql.context import GraphQLDeps
+from mora_graphql.graphql.http import MoraGraphQL
 from mora_graphql.graphql.schema import build_schema
-from mora_graphql.graphql.websocket import (
-    LegacyWSHandler,
-    LimitedWebSocketAdapter,
-    TransportWSHandler,
-)
 from mora_graphql.logging import configure_logging, register_secrets, settings_secrets
 from mora_graphql.runtime import Runtime, build_runtime
 from mora_graphql.security import (
@@ -46,56 +34,6 @@ from mora_graphql.security import (
 
 log = structlog.get_logger("mora")
 REQUESTS = Counter("mora_http_requests_total", "HTTP requests", ["method", "status"])
-
-
-class MoraGraphQL(GraphQL[Context, None]):
-    websocket_adapter_class = LimitedWebSocketAdapter
-    graphql_transport_ws_handler_class = TransportWSHandler
-    graphql_ws_handler_class = LegacyWSHandler
-
-    def __init__(
-        self, deps_ref: Callable[[], GraphQLDeps], *, max_ws_message_bytes: int = 0, **kwargs: Any
-    ) -> None:
-        super().__init__(**kwargs)
-        self._deps = deps_ref
-        self.max_ws_message_bytes = max_ws_message_bytes
-
-    @property
-    def graphql_ide_html(self) -> str:
-        return graphiql_assets().page()
-
-    def decode_json(self, data: str | bytes) -> object:
-        """Undecodable or too deeply nested JSON is a malformed request (400), not a 500."""
-        try:
-            return super().decode_json(data)
-        except (RecursionError, UnicodeDecodeError) as exc:
-            raise json.JSONDecodeError("The body is not valid JSON", "", 0) from exc
-
-    def parse_json(self, data: str | bytes) -> dict[str, object] | list[object]:
-        parsed = super().parse_json(data)
-        if not isinstance(parsed, dict | list):
-            raise json.JSONDecodeError("The body must be a JSON object", "", 0)
-        return parsed
-
-    async def get_context(
-        self, request: Request | WebSocket, response: Response | WebSocket
-    ) -> Context:
-        return Context(deps=self._deps(), request=request, response=response)
-
-    async def on_ws_connect(self, context: Context) -> UnsetType | dict[str, object] | None:
-        params = context.connection_params if isinstance(context.connection_params, dict) else {}
-        raw = params.get("Authorization") or params.get("authorization") or params.get("authToken")
-        if raw is None:
-            context.set_principal(None)
-            return None
-        try:
-            token = bearer_token(str(raw))
-            context.set_principal(
-                decode_access_token(context.deps.settings, token) if token else None
-            )
-        except MoraError as exc:
-            raise ConnectionRejectionError({"code": exc.code.name, "message": exc.message}) from exc
-        return None
 
 
 class RequestIdMiddleware:
@@ -166,6 +104,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         lambda: deps["graphql"],
         schema=build_schema(settings),
         graphql_ide="graphiql" if settings.graphiql_enabled else None,
+        ide_page=lambda: graphiql_assets().page(),
         allow_queries_via_get=False,
         allowed_origins=settings.cors_origins,
         connection_init_wait_timeout=dt.timedelta(seconds=settings.ws_connection_init_timeout),
