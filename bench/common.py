@@ -284,6 +284,7 @@ class Tally:
         self.last_ns = 0
         self.errors: list[str] = []
         self.completed = 0
+        self.unfinished = 0
 
 
 class Subscriber:
@@ -375,3 +376,27 @@ async def connect_all(subscribers: list[Subscriber], parallel: int = 50) -> None
             await sub.connect()
 
     await asyncio.gather(*(one(sub) for sub in subscribers))
+
+
+async def drain(
+    subscribers: list[Subscriber], count: int, source_seconds: float, stall: float = 20
+) -> int:
+    """Read every subscriber until its subscription ends, or until nothing more arrived for
+    `stall` seconds after the source finished (what is missing then counts as lost).
+    Returns how many subscriptions were still open."""
+    tally = subscribers[0].tally if subscribers else Tally()
+    tasks = [asyncio.create_task(sub.run(count)) for sub in subscribers]
+    source_end = time.monotonic() + source_seconds
+    last, last_change = -1, time.monotonic()
+    pending: set[asyncio.Task[None]] = set(tasks)
+    while pending:
+        _done, pending = await asyncio.wait(pending, timeout=1)
+        now = time.monotonic()
+        if tally.frames != last:
+            last, last_change = tally.frames, now
+        elif now > source_end and now - last_change > stall:
+            break
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    return len(pending)

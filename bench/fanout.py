@@ -48,6 +48,7 @@ from common import (
     connect_all,
     control,
     create_session,
+    drain,
     free_port,
     load,
     mora,
@@ -81,6 +82,7 @@ def summary(
         "expected": expected,
         "duplicates": tally.duplicates,
         "errors": tally.errors,
+        "unfinished": tally.unfinished,
         "server_cpu": cpu.result["server"],
         "client_cpu": cpu.result["client"],
     }
@@ -94,6 +96,8 @@ def line(result: dict[str, Any], peer: dict[str, Any] | None) -> str:
         f"lost {result['lost']:,}/{result['expected']:,}, dup {result['duplicates']}, "
         f"server CPU {result['server_cpu']:.0f}%, client CPU {result['client_cpu']:.0f}%"
     )
+    if result["unfinished"]:
+        text += f", {result['unfinished']} subscriptions unfinished"
     if result["errors"]:
         text += f", {len(result['errors'])} errors (first: {result['errors'][0][:120]})"
     if peer is not None:
@@ -102,14 +106,6 @@ def line(result: dict[str, Any], peer: dict[str, Any] | None) -> str:
             f"deliveries {result['deliveries'] / peer['deliveries']:.2f}x"
         )
     return f"{text} | {load()}"
-
-
-async def drain(subscribers: list[Subscriber], count: int, seconds: float) -> None:
-    tasks = [asyncio.create_task(sub.run(count)) for sub in subscribers]
-    _done, pending = await asyncio.wait(tasks, timeout=seconds)
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
 
 
 async def run_peer(url: str, pid: int, subs: int, rate: float, count: int) -> dict[str, Any]:
@@ -122,7 +118,7 @@ async def run_peer(url: str, pid: int, subs: int, rate: float, count: int) -> di
     cpu.start()
     started = time.monotonic_ns()
     await control(url, "/start", {"sessionId": session_id, "rate": rate, "count": count})
-    await drain(subscribers, count, count / rate + 30 + subs / 20)
+    tally.unfinished = await drain(subscribers, count, count / rate)
     cpu.stop()
     return summary("peer", subs, rate, count, tally, started, cpu)
 
@@ -141,7 +137,7 @@ async def run_mora(
     cpu.start()
     started = time.monotonic_ns()
     await control(llm, "/_bench/release", {})
-    await drain(subscribers, count, count / rate + 30 + subs / 20)
+    tally.unfinished = await drain(subscribers, count, count / rate)
     cpu.stop()
     return summary("mora", subs, rate, count, tally, started, cpu)
 

@@ -46,6 +46,7 @@ from common import (
     connect_all,
     control,
     create_session,
+    drain,
     free_port,
     load,
     mora,
@@ -119,12 +120,8 @@ async def run_mode(mode: str, sessions: int, args: argparse.Namespace) -> str:
                 cpu = CpuMeter(**{name: child.pid for name, child in children.items()})
                 cpu.start()
                 await control(llm, "/_bench/release", {})
-                tasks = [asyncio.create_task(sub.run(count)) for sub in subscribers]
-                _done, pending = await asyncio.wait(tasks, timeout=args.seconds + 120)
+                pending = await drain(subscribers, count, args.seconds)
                 cpu.stop()
-                for task in pending:
-                    task.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
                 sent = (await control(llm, "/_bench/stats"))["sent"]
         except BaseException:
             for name in children:
@@ -140,8 +137,8 @@ async def run_mode(mode: str, sessions: int, args: argparse.Namespace) -> str:
     if "worker" in cpu.result:
         text_ += f", worker CPU {cpu.result['worker']:.0f}% ({per_token['worker']:.0f} µs/token)"
     text_ += f", API CPU {cpu.result['api']:.0f}% ({per_token['api']:.0f} µs/token)"
-    if len(pending):
-        text_ += f", {len(pending)} subscriptions unfinished"
+    if pending:
+        text_ += f", {pending} subscriptions unfinished"
     if tally.errors:
         text_ += f", {len(tally.errors)} errors (first: {tally.errors[0][:120]})"
     return f"{text_} | {load()}"
