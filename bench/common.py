@@ -179,8 +179,13 @@ class Processes:
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 @contextmanager
 def processes(log_dir: Path) -> Iterator[Processes]:
+    signal.signal(signal.SIGTERM, _terminated)
     procs = Processes(log_dir)
     try:
         yield procs
@@ -262,12 +267,21 @@ async def create_session(http: httpx.AsyncClient, token: str, tag: str) -> str:
     return str(data["createSession"]["id"])
 
 
-async def wait_llm(url: str, key: str, value: int, seconds: float) -> None:
+async def wait_llm(url: str, key: str, value: int, seconds: float, plateau: float = 0) -> int:
+    """Wait until the LLM server's `key` reaches `value`; with `plateau`, settle for less once
+    it has not grown for that many seconds. Returns the value reached."""
     deadline = time.monotonic() + seconds
-    while (await control(url, "/_bench/stats"))[key] < value:
-        if time.monotonic() > deadline:
+    best, since = -1, time.monotonic()
+    while (reached := (await control(url, "/_bench/stats"))[key]) < value:
+        now = time.monotonic()
+        if reached != best:
+            best, since = reached, now
+        elif plateau and now - since > plateau:
+            return int(reached)
+        if now > deadline:
             raise SystemExit(f"LLM server: {key} never reached {value}")
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.2)
+    return int(reached)
 
 
 # -- subscribers -----------------------------------------------------------------------------
@@ -368,14 +382,25 @@ class Subscriber:
             await self.ws.close()
 
 
-async def connect_all(subscribers: list[Subscriber], parallel: int = 50) -> None:
+async def connect_all(
+    subscribers: list[Subscriber], parallel: int = 50, limit: float = 120
+) -> list[Subscriber]:
+    """Connect every subscriber; return those whose subscriptions all started in time (the
+    others' failures are noted in their tally's errors)."""
     gate = asyncio.Semaphore(parallel)
 
-    async def one(sub: Subscriber) -> None:
+    async def one(sub: Subscriber) -> Subscriber | None:
         async with gate:
-            await sub.connect()
+            try:
+                await asyncio.wait_for(sub.connect(), limit)
+            except (OSError, RuntimeError, TimeoutError, websockets.WebSocketException) as exc:
+                sub.tally.errors.append(f"subscribe failed: {type(exc).__name__}: {exc}")
+                if sub.ws is not None:
+                    await sub.ws.close()
+                return None
+            return sub
 
-    await asyncio.gather(*(one(sub) for sub in subscribers))
+    return [sub for sub in await asyncio.gather(*(one(sub) for sub in subscribers)) if sub]
 
 
 async def drain(

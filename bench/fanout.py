@@ -113,7 +113,7 @@ async def run_peer(url: str, pid: int, subs: int, rate: float, count: int) -> di
     tally = Tally()
     ws_url = url.replace("http", "ws") + "/graphql"
     subscribers = [Subscriber(ws_url, "", [session_id], tally) for _ in range(subs)]
-    await connect_all(subscribers)
+    subscribers = await connect_all(subscribers)
     cpu = CpuMeter(server=pid, client=os.getpid())
     cpu.start()
     started = time.monotonic_ns()
@@ -131,7 +131,7 @@ async def run_mora(
     tally = Tally()
     ws_url = str(http.base_url).rstrip("/").replace("http", "ws") + "/graphql"
     subscribers = [Subscriber(ws_url, token, [session_id], tally) for _ in range(subs)]
-    await connect_all(subscribers)
+    subscribers = await connect_all(subscribers)
     await wait_llm(llm, "waiting", 1, 60)
     cpu = CpuMeter(server=pid, client=os.getpid())
     cpu.start()

@@ -73,7 +73,7 @@ async def park(
     gc_url: str = "",
 ) -> dict[str, Any]:
     warm = [Subscriber(ws_url, token, [session_id], Tally()) for _ in range(50)]
-    await connect_all(warm)
+    warm = await connect_all(warm)
     for sub in warm:
         await sub.ws.close()
     await asyncio.sleep(3)
@@ -87,8 +87,9 @@ async def park(
         for i in range(connections)
     ]
     started = time.monotonic()
-    await connect_all(subscribers, parallel=100)
+    subscribers = await connect_all(subscribers, parallel=100)
     took = time.monotonic() - started
+    parked = sum(len(sub.session_ids) for sub in subscribers)
     await asyncio.sleep(3)
     if gc_url:
         await control(gc_url, "/gc", {})
@@ -99,14 +100,16 @@ async def park(
         "connections": connections,
         "before": before,
         "after": after,
-        "per_sub": (after - before) / n,
+        "per_sub": (after - before) / max(1, parked),
+        "parked": parked,
         "took": took,
     }
 
 
 def line(name: str, result: dict[str, Any], peer: dict[str, Any] | None) -> str:
     text = (
-        f"idle {name:<5} subscriptions={result['n']:<6} connections={result['connections']:<6}: "
+        f"idle {name:<5} subscriptions={result['parked']}/{result['n']} "
+        f"connections={result['connections']}: "
         f"RSS {result['before'] / 2**20:.1f} MB -> {result['after'] / 2**20:.1f} MB, "
         f"{result['per_sub'] / 1024:.1f} KB/subscription (parked in {result['took']:.1f} s)"
     )

@@ -48,6 +48,7 @@ from common import (
     create_session,
     drain,
     free_port,
+    gql,
     load,
     mora,
     mora_env,
@@ -60,6 +61,7 @@ from common import (
     wait_ready,
 )
 
+STATUS = "query($id: ID!) { session(id: $id) { status } }"
 DEFAULT_SESSIONS = {"embedded": 50, "distributed": 200}
 
 
@@ -114,15 +116,21 @@ async def run_mode(mode: str, sessions: int, args: argparse.Namespace) -> str:
                 ]
                 tally = Tally()
                 ws_url = base.replace("http", "ws") + "/graphql"
-                subscribers = [Subscriber(ws_url, token, [sid], tally) for sid in ids]
-                await connect_all(subscribers)
-                await wait_llm(llm, "waiting", sessions, 180)
+                subscribers = await connect_all(
+                    [Subscriber(ws_url, token, [sid], tally) for sid in ids]
+                )
+                streams = await wait_llm(llm, "waiting", sessions, 300, plateau=30)
                 cpu = CpuMeter(**{name: child.pid for name, child in children.items()})
                 cpu.start()
                 await control(llm, "/_bench/release", {})
                 pending = await drain(subscribers, count, args.seconds)
                 cpu.stop()
                 sent = (await control(llm, "/_bench/stats"))["sent"]
+                statuses: dict[str, int] = {}
+                for sid in ids:
+                    data = await gql(http, STATUS, {"id": sid}, token)
+                    status = data["session"]["status"]
+                    statuses[status] = statuses.get(status, 0) + 1
         except BaseException:
             for name in children:
                 print(f"--- {name}\n{procs.tail(name)}", file=sys.stderr)
@@ -132,7 +140,9 @@ async def run_mode(mode: str, sessions: int, args: argparse.Namespace) -> str:
         f"pipeline {mode:<11} sessions={sessions:<4} rate={args.rate:g} tok/s "
         f"tokens={count}/session: p50 {pct(tally.latencies, 0.5):.1f} ms, "
         f"p99 {pct(tally.latencies, 0.99):.1f} ms, delivered {tally.delivered:,}/{sent:,} "
-        f"tokens (expected {count * sessions:,}), dup {tally.duplicates}"
+        f"tokens (expected {count * sessions:,}), dup {tally.duplicates}, "
+        f"{len(subscribers)} subscribed, {streams} streams, sessions "
+        + " ".join(f"{k} {v}" for k, v in sorted(statuses.items()))
     )
     if "worker" in cpu.result:
         text_ += f", worker CPU {cpu.result['worker']:.0f}% ({per_token['worker']:.0f} µs/token)"
