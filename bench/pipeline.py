@@ -61,7 +61,7 @@ from common import (
     wait_ready,
 )
 
-STATUS = "query($id: ID!) { session(id: $id) { status } }"
+STATUS = "query($id: ID!) { session(id: $id) { status error { code } } }"
 DEFAULT_SESSIONS = {"embedded": 50, "distributed": 200}
 
 
@@ -130,6 +130,8 @@ async def run_mode(mode: str, sessions: int, args: argparse.Namespace) -> str:
                 for sid in ids:
                     data = await gql(http, STATUS, {"id": sid}, token)
                     status = data["session"]["status"]
+                    if data["session"]["error"]:
+                        status += f"({data['session']['error']['code']})"
                     statuses[status] = statuses.get(status, 0) + 1
         except BaseException:
             for name in children:
