@@ -404,11 +404,15 @@ async def connect_all(
 
 
 async def drain(
-    subscribers: list[Subscriber], count: int, source_seconds: float, stall: float = 20
+    subscribers: list[Subscriber],
+    count: int,
+    source_seconds: float,
+    stall: float = 20,
+    grace: float = 60,
 ) -> int:
     """Read every subscriber until its subscription ends, or until nothing more arrived for
-    `stall` seconds after the source finished (what is missing then counts as lost).
-    Returns how many subscriptions were still open."""
+    `stall` seconds after the source finished, or `grace` seconds after it finished at most
+    (what is missing then counts as lost). Returns how many subscriptions were still open."""
     tally = subscribers[0].tally if subscribers else Tally()
     tasks = [asyncio.create_task(sub.run(count)) for sub in subscribers]
     source_end = time.monotonic() + source_seconds
@@ -420,6 +424,8 @@ async def drain(
         if tally.frames != last:
             last, last_change = tally.frames, now
         elif now > source_end and now - last_change > stall:
+            break
+        if now > source_end + grace:
             break
     for task in pending:
         task.cancel()

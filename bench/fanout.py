@@ -108,7 +108,9 @@ def line(result: dict[str, Any], peer: dict[str, Any] | None) -> str:
     return f"{text} | {load()}"
 
 
-async def run_peer(url: str, pid: int, subs: int, rate: float, count: int) -> dict[str, Any]:
+async def run_peer(
+    url: str, pid: int, subs: int, rate: float, count: int, grace: float
+) -> dict[str, Any]:
     session_id = f"fanout-{subs}-{time.monotonic_ns()}"
     tally = Tally()
     ws_url = url.replace("http", "ws") + "/graphql"
@@ -118,13 +120,20 @@ async def run_peer(url: str, pid: int, subs: int, rate: float, count: int) -> di
     cpu.start()
     started = time.monotonic_ns()
     await control(url, "/start", {"sessionId": session_id, "rate": rate, "count": count})
-    tally.unfinished = await drain(subscribers, count, count / rate)
+    tally.unfinished = await drain(subscribers, count, count / rate, grace=grace)
     cpu.stop()
     return summary("peer", subs, rate, count, tally, started, cpu)
 
 
 async def run_mora(
-    http: httpx.AsyncClient, llm: str, pid: int, token: str, subs: int, rate: float, count: int
+    http: httpx.AsyncClient,
+    llm: str,
+    pid: int,
+    token: str,
+    subs: int,
+    rate: float,
+    count: int,
+    grace: float,
 ) -> dict[str, Any]:
     await control(llm, "/_bench/config", {"rate": rate, "count": count, "gate": True})
     session_id = await create_session(http, token, f"fanout {subs} {time.monotonic_ns()}")
@@ -137,7 +146,7 @@ async def run_mora(
     cpu.start()
     started = time.monotonic_ns()
     await control(llm, "/_bench/release", {})
-    tally.unfinished = await drain(subscribers, count, count / rate)
+    tally.unfinished = await drain(subscribers, count, count / rate, grace=grace)
     cpu.stop()
     return summary("mora", subs, rate, count, tally, started, cpu)
 
@@ -149,6 +158,12 @@ async def main() -> None:
         "--rate", default="auto", help="events/s; auto = 100 up to 100 subscribers, else 50"
     )
     parser.add_argument("--seconds", type=float, default=10, help="stream length per run")
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=60,
+        help="seconds to wait for late events after the source ended; later ones count as lost",
+    )
     parser.add_argument("--only", choices=["mora", "peer"], help="run one server only")
     args = parser.parse_args()
     counts = [int(n) for n in args.subscribers.split(",")]
@@ -171,10 +186,12 @@ async def main() -> None:
                 count = int(rate * args.seconds)
                 peer_result = None
                 if peer is not None:
-                    peer_result = await run_peer(peer_url, peer.pid, subs, rate, count)
+                    peer_result = await run_peer(peer_url, peer.pid, subs, rate, count, args.grace)
                     print(line(peer_result, None), flush=True)
                 if args.only != "peer":
-                    result = await run_mora(http, llm, server.pid, token, subs, rate, count)
+                    result = await run_mora(
+                        http, llm, server.pid, token, subs, rate, count, args.grace
+                    )
                     print(line(result, peer_result), flush=True)
 
 

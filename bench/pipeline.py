@@ -123,7 +123,7 @@ async def run_mode(mode: str, sessions: int, args: argparse.Namespace) -> str:
                 cpu = CpuMeter(**{name: child.pid for name, child in children.items()})
                 cpu.start()
                 await control(llm, "/_bench/release", {})
-                pending = await drain(subscribers, count, args.seconds)
+                pending = await drain(subscribers, count, args.seconds, grace=args.grace)
                 cpu.stop()
                 sent = (await control(llm, "/_bench/stats"))["sent"]
                 statuses: dict[str, int] = {}
@@ -164,6 +164,12 @@ async def main() -> None:
     )
     parser.add_argument("--rate", type=float, default=50, help="tokens/s per session")
     parser.add_argument("--seconds", type=float, default=10, help="stream length per session")
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=60,
+        help="seconds to wait for late tokens after the stream ended; later ones count as lost",
+    )
     parser.add_argument(
         "--database-url",
         default=os.environ.get(
