@@ -410,10 +410,23 @@ async def follow(
 
 @contextlib.contextmanager
 def dumped_on_failure(mora: Mora) -> Any:
+    """On failure: every process's log tail, which processes still run, and what each of
+    their database connections is doing."""
     try:
         yield
     except BaseException:
         print(mora.dump())
+        print("exit codes (None: running):", mora.alive())
+        with contextlib.suppress(Exception):
+            database = mora.env["DATABASE_URL"]
+            for row in sql(
+                database,
+                "SELECT pid, application_name, state, wait_event_type, wait_event, "
+                "now() - state_change, left(query, 160) FROM pg_stat_activity "
+                "WHERE datname = :name AND pid <> pg_backend_pid()",
+                {"name": make_url(database).database},
+            ):
+                print("pg:", tuple(row))
         raise
 
 

@@ -146,6 +146,16 @@ class Prober:
                 await asyncio.sleep(0.05)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "`mora worker` exits (status 1) when a pooled job-queue connection was killed: "
+        "procrastinate's fetch_job raises ConnectorException on the dead psycopg connection, "
+        "Worker._fetch_and_process_jobs lets it out of run_worker_async, and run_worker "
+        "(mora_graphql/worker.py) does not catch it; with every worker gone, new and retried "
+        "sessions stay CREATED"
+    ),
+)
 async def test_killed_connections_fail_cleanly_and_the_pools_recover(tmp_path: Path) -> None:
     database = fresh_database("chaos_postgres")
     redis = RedisServer(tmp_path).start()
@@ -175,7 +185,7 @@ async def test_killed_connections_fail_cleanly_and_the_pools_recover(tmp_path: P
                     break
                 await asyncio.sleep(0.1)
             killed = []
-            for _ in range(4):
+            for _ in range(6):
                 killed.append(await asyncio.to_thread(terminate_backends, database))
                 await asyncio.sleep(1.5)
             prober.stop.set()
@@ -199,6 +209,9 @@ async def test_killed_connections_fail_cleanly_and_the_pools_recover(tmp_path: P
             results = await asyncio.wait_for(asyncio.gather(*followers), 120)
             assert [f.session_id for f in results if not f.ended] == []
 
+            # Once more while every process is idle: all their pooled connections are dead now.
+            assert await asyncio.to_thread(terminate_backends, database) > 0
+            await asyncio.sleep(1)
             # The pools recover by themselves: once each stale pooled connection has failed
             # its one statement, every request succeeds, on both APIs, and new sessions run.
             for api in mora.apis:
