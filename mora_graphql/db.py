@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import JSON, DateTime, MetaData, event
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -53,6 +54,11 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         if value is not None and value.tzinfo is None:
             return value.replace(tzinfo=dt.UTC)
         return value
+
+
+def is_disconnect(exc: DBAPIError) -> bool:
+    """The connection was lost or refused (a restart, a killed backend): worth a retry."""
+    return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
 
 
 def utcnow() -> dt.datetime:

@@ -6,7 +6,9 @@ import asyncio
 import os
 import socket
 
+import psycopg
 import structlog
+from procrastinate.exceptions import ConnectorException
 
 from mora_graphql.config import Settings
 from mora_graphql.db import Database
@@ -46,6 +48,29 @@ async def maintain(settings: Settings, db: Database, queue: ProcrastinateQueue) 
         await asyncio.sleep(settings.worker_heartbeat_interval)
 
 
+async def _work(settings: Settings, queue: ProcrastinateQueue, name: str) -> None:
+    """Run jobs until a signal stops the worker; a lost queue connection (PostgreSQL restarted,
+    a backend killed) restarts the loop after a pause instead of ending the process."""
+    pause = 0.5
+    while True:
+        try:
+            await queue.app.run_worker_async(
+                name=name,
+                concurrency=settings.job_concurrency,
+                install_signal_handlers=True,
+                listen_notify=True,
+                update_heartbeat_interval=settings.worker_heartbeat_interval,
+                stalled_worker_timeout=settings.stalled_job_timeout,
+                shutdown_graceful_timeout=settings.worker_shutdown_timeout,
+                delete_jobs="successful",
+            )
+            return
+        except (ConnectorException, psycopg.OperationalError) as exc:
+            log.warning("job queue connection lost; restarting", error=repr(exc), pause=pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 10.0)
+
+
 async def run_worker(settings: Settings) -> None:
     runtime = await build_runtime(settings, role="worker")
     queue = runtime.queue
@@ -56,16 +81,7 @@ async def run_worker(settings: Settings) -> None:
     )
     log.info("worker started", name=name, concurrency=settings.job_concurrency)
     try:
-        await queue.app.run_worker_async(
-            name=name,
-            concurrency=settings.job_concurrency,
-            install_signal_handlers=True,
-            listen_notify=True,
-            update_heartbeat_interval=settings.worker_heartbeat_interval,
-            stalled_worker_timeout=settings.stalled_job_timeout,
-            shutdown_graceful_timeout=settings.worker_shutdown_timeout,
-            delete_jobs="successful",
-        )
+        await _work(settings, queue, name)
     finally:
         maintenance.cancel()
         await asyncio.gather(maintenance, return_exceptions=True)

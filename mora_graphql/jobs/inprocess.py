@@ -15,6 +15,10 @@ from mora_graphql.sessions.repository import SessionRepository
 
 log = structlog.get_logger(__name__)
 
+RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 20.0)
+"""Pauses before running a crashed job again (e.g. the database connection was lost); a
+session whose job keeps crashing stays unfinished until the next start resumes it."""
+
 
 class InProcessQueue:
     def __init__(
@@ -26,6 +30,7 @@ class InProcessQueue:
         self._tasks: dict[uuid.UUID, asyncio.Task[None]] = {}
         self._running: set[uuid.UUID] = set()
         self._again: set[uuid.UUID] = set()
+        self._crashes: dict[uuid.UUID, int] = {}
         self._closed = False
 
     @property
@@ -71,12 +76,23 @@ class InProcessQueue:
             self._running.add(session_id)
             try:
                 await self.job(session_id, lambda: self._closed)
+                self._crashes.pop(session_id, None)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("job crashed", session_id=str(session_id))
+                self._retry_later(session_id)
             finally:
                 self._running.discard(session_id)
+
+    def _retry_later(self, session_id: uuid.UUID) -> None:
+        crashes = self._crashes.get(session_id, 0)
+        if crashes >= len(RETRY_DELAYS) or self._closed:
+            self._crashes.pop(session_id, None)
+            return
+        self._crashes[session_id] = crashes + 1
+        loop = asyncio.get_running_loop()
+        loop.call_later(RETRY_DELAYS[crashes], lambda: loop.create_task(self.enqueue(session_id)))
 
     async def cancel(self, session_id: uuid.UUID) -> bool:
         task = self._tasks.get(session_id)

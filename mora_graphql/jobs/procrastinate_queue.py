@@ -33,7 +33,9 @@ def libpq_url(database_url: str) -> str:
 def build_app(database_url: str, run: RunSession | None = None) -> procrastinate.App:
     """The procrastinate app; `run` is the job body (None in a process that only defers)."""
     connector = procrastinate.PsycopgConnector(
-        conninfo=libpq_url(database_url), min_size=1, max_size=4
+        conninfo=libpq_url(database_url),
+        min_size=1,
+        max_size=4,
     )
     app = procrastinate.App(connector=connector)
 

@@ -9,7 +9,9 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
+from sqlalchemy.exc import DBAPIError
 
+from mora_graphql.db import is_disconnect
 from mora_graphql.errors import ErrorCode, PipelineError
 from mora_graphql.models import PipelineStage
 from mora_graphql.pipeline.caching import CachedResult, result_key
@@ -87,6 +89,19 @@ class PipelineRunner:
         except (PipelineError, LLMError) as exc:
             log.info("session failed", code=exc.code.name, error=exc.message)
             await recorder.fail(exc.code, exc.message, usage=usage_json(usage))
+        except DBAPIError as exc:
+            if not is_disconnect(exc):
+                log.exception("session crashed")
+                await recorder.fail(
+                    ErrorCode.INTERNAL_ERROR,
+                    "Internal error while processing the video.",
+                    usage=usage_json(usage),
+                )
+                return
+            # The session stays PROCESSING: the queue runs the job again, which resumes it
+            # (CodeReset, seq continued) on a fresh connection.
+            log.warning("database connection lost; the run will be retried", error=repr(exc))
+            raise
         except Exception:
             log.exception("session crashed")
             await recorder.fail(

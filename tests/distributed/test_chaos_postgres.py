@@ -146,16 +146,6 @@ class Prober:
                 await asyncio.sleep(0.05)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "`mora worker` exits (status 1) when a pooled job-queue connection was killed: "
-        "procrastinate's fetch_job raises ConnectorException on the dead psycopg connection, "
-        "Worker._fetch_and_process_jobs lets it out of run_worker_async, and run_worker "
-        "(mora_graphql/worker.py) does not catch it; with every worker gone, new and retried "
-        "sessions stay CREATED"
-    ),
-)
 async def test_killed_connections_fail_cleanly_and_the_pools_recover(tmp_path: Path) -> None:
     database = fresh_database("chaos_postgres")
     redis = RedisServer(tmp_path).start()
@@ -231,15 +221,6 @@ async def test_killed_connections_fail_cleanly_and_the_pools_recover(tmp_path: P
         redis.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "a killed PostgreSQL connection ends the run for good: SessionRunner.run "
-        "(pipeline/run.py, `except Exception: log.exception('session crashed')`) records "
-        "ERROR/INTERNAL_ERROR for the sqlalchemy InterfaceError/DBAPIError a checkpoint raises "
-        "on a dead pooled connection, instead of leaving the job to be retried and resumed"
-    ),
-)
 async def test_a_dropped_connection_does_not_fail_running_sessions(tmp_path: Path) -> None:
     """A transient database disconnect (failover, proxy restart, idle kill) is retryable:
     the sessions running at that moment resume and complete."""
