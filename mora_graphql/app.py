@@ -24,6 +24,7 @@ from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.types.unset import UnsetType
 
+from mora_graphql import tracing
 from mora_graphql.auth.tokens import bearer_token, decode_access_token
 from mora_graphql.config import Settings, get_settings
 from mora_graphql.errors import MoraError
@@ -139,6 +140,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or get_settings()
     configure_logging(settings.log_level, json=settings.json_logs)
     register_secrets(settings_secrets(settings))
+    tracing.setup("mora-graphql")
     holder: dict[str, Runtime] = {}
     deps: dict[str, GraphQLDeps] = {}
 
@@ -201,6 +203,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     middleware = [
+        *([Middleware(tracing.asgi_middleware)] if tracing.enabled() else []),
         Middleware(RequestIdMiddleware),
         Middleware(
             SecurityHeadersMiddleware,

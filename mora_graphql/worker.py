@@ -17,6 +17,7 @@ from mora_graphql.jobs.procrastinate_queue import (
 )
 from mora_graphql.metrics import ORPHANS_REQUEUED, STALLED_JOBS_RETRIED
 from mora_graphql.runtime import build_runtime
+from mora_graphql.tracing import setup as setup_tracing
 
 log = structlog.get_logger("mora.worker")
 
@@ -47,6 +48,7 @@ async def maintain(settings: Settings, db: Database, queue: ProcrastinateQueue) 
 
 
 async def run_worker(settings: Settings) -> None:
+    setup_tracing("mora-worker")
     runtime = await build_runtime(settings, role="worker")
     queue = runtime.queue
     assert isinstance(queue, ProcrastinateQueue)
