@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -160,8 +160,11 @@ def instrument_engine(engine: AsyncEngine) -> None:
 
     instrumentor = SQLAlchemyInstrumentor()
     if not instrumentor.is_instrumented_by_opentelemetry:
-        # One engine per process; the instrumentor is a singleton.
-        instrumentor.instrument(engine=engine.sync_engine, tracer_provider=_provider)
+        # One engine per process; the instrumentor is a singleton. Its declared range stops
+        # below SQLAlchemy 2.1, whose engine events it uses unchanged (tests cover it).
+        instrumentor.instrument(
+            engine=engine.sync_engine, tracer_provider=_provider, skip_dep_check=True
+        )
         _instrumentors.append(instrumentor)
 
 
@@ -176,16 +179,52 @@ def asgi_middleware(app: ASGIApp) -> ASGIApp:
     )
 
 
+GRAPHQL_TRACED_ARGUMENTS = frozenset({"id", "sessionId", "afterSeq", "first", "after", "status"})
+"""Resolver arguments recorded on spans; others (passwords, tokens, uploaded subtitles) never."""
+
+
 def graphql_extensions() -> list[Callable[[], Any]]:
-    """Strawberry's OpenTelemetry extension when tracing is on; nothing otherwise."""
+    """Strawberry's OpenTelemetry extension when tracing is on; nothing otherwise.
+
+    Spans carry the operation name and type but not the document (it may hold literal
+    passwords), and only the resolver arguments in `GRAPHQL_TRACED_ARGUMENTS`."""
     if _tracer is None:
         return []
+    from graphql import GraphQLResolveInfo
+    from opentelemetry.trace import SpanKind
+    from strawberry.extensions import LifecycleStep
     from strawberry.extensions.tracing import OpenTelemetryExtension
 
     provider = _provider
 
+    def safe_arguments(args: dict[str, Any], _info: GraphQLResolveInfo[Any]) -> dict[str, Any]:
+        return {name: value for name, value in args.items() if name in GRAPHQL_TRACED_ARGUMENTS}
+
+    class GraphQLTracing(OpenTelemetryExtension):
+        def on_operation(self) -> Generator[None, None, None]:
+            name = self.execution_context.operation_name
+            self._operation_name = name
+            operation = self._tracer.start_span(
+                f"GraphQL Query: {name}" if name else "GraphQL Query", kind=SpanKind.SERVER
+            )
+            operation.set_attribute("component", "graphql")
+            self._span_holder[LifecycleStep.OPERATION] = operation
+            yield
+            resolved = self.execution_context.operation_name
+            if resolved:
+                operation.set_attribute("graphql.operation.name", resolved)
+                if not name:
+                    operation.update_name(f"GraphQL Query: {resolved}")
+            try:
+                kind = self.execution_context.operation_type.value
+            except Exception:  # no document, or no operation to run
+                kind = None
+            if kind:
+                operation.set_attribute("graphql.operation.type", kind)
+            operation.end()
+
     def extension() -> OpenTelemetryExtension:
-        return OpenTelemetryExtension(tracer_provider=provider)
+        return GraphQLTracing(arg_filter=safe_arguments, tracer_provider=provider)
 
     return [extension]
 
