@@ -48,6 +48,7 @@ from tests.fakes.fixtures import (  # noqa: F401
     openai_server_fixture,
 )
 from tests.fakes.openai_server import JSON, FakeOpenAI, Stream
+from tests.wsclient import TRANSPORT_WS, collect
 
 ROOT = Path(__file__).resolve().parents[2]
 VIDEO = "https://www.youtube.com/watch?v=dQw4w9WgXcQ"
@@ -66,6 +67,8 @@ TIMELINE = {
 CREATE = """
 mutation CreateSession($input: CreateSessionInput!) { createSession(input: $input) { id } }"""
 GET = "query($id: ID!) { session(id: $id) { status error { code message } } }"
+PROGRESS = """
+subscription($id: ID!) { sessionProgress(sessionId: $id) { __typename seq status } }"""
 STAGES = ("mora.fetch_subtitles", "mora.generate_code", "mora.build_timeline")
 
 EXPORTER = InMemorySpanExporter()
@@ -155,11 +158,18 @@ def http_url(node: Node) -> str:
     return str(node.attributes.get("url.full") or node.attributes.get("http.url") or "")
 
 
-async def create_and_finish(live: LiveServer, **fields: Any) -> str:
+async def create_and_finish(live: LiveServer, *, follow: bool = False, **fields: Any) -> str:
+    """createSession, then wait for the end (`follow`: also over a WebSocket subscription)."""
     token = await live.register()
     created = await live.gql(CREATE, {"input": {"videoUrl": VIDEO, **fields}}, token)
     assert "errors" not in created, created
     session_id = str(created["data"]["createSession"]["id"])
+    if follow:
+        events = await asyncio.wait_for(
+            collect(live.ws_url, TRANSPORT_WS, token, PROGRESS, {"id": session_id}), 30
+        )
+        assert events[-1]["__typename"] == "SessionCompleted", events[-1]
+        assert any(event["__typename"] == "CodeDelta" for event in events)
     session = await live.wait_terminal(GET, token, session_id, limit=60)
     assert session["status"] == "COMPLETED", session
     return session_id
@@ -207,8 +217,10 @@ async def test_embedded_trace_runs_from_create_session_to_the_timeline(
     bibigpt_server: FakeBibiGPT,
 ) -> None:
     bibigpt_server.respond(VIDEO, Subtitles(lines=list(LINES), duration=20.0, title="Add"))
-    openai_server.enqueue(Stream(content_chunks=[CODE[:20], CODE[20:]]), JSON(json.dumps(TIMELINE)))
-    session_id = await create_and_finish(live)
+    openai_server.enqueue(
+        Stream(content_chunks=[CODE[:20], CODE[20:]], chunk_delay=0.3), JSON(json.dumps(TIMELINE))
+    )
+    session_id = await create_and_finish(live, follow=True)
 
     await wait_for(lambda: any(s.name == tracing.JOB_SPAN for s in spans.get_finished_spans()))
     tree = Trace([from_sdk(span) for span in spans.get_finished_spans()])
