@@ -236,6 +236,16 @@ def span(name: str, **attributes: str | int | float | bool) -> AbstractContextMa
     return _tracer.start_as_current_span(name, attributes=attributes)
 
 
+def untraced() -> AbstractContextManager[Any]:
+    """No instrumentation spans inside (and in tasks created inside): for background loops
+    that would otherwise start a root trace every few seconds."""
+    if _tracer is None:
+        return _NOOP
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+    return suppress_instrumentation()
+
+
 def mark_failed(code: str, message: str) -> None:
     """Mark the current span as failed (an outcome the code handles, not an exception)."""
     if _tracer is None:

@@ -499,3 +499,7 @@ async def test_trace_context_crosses_the_queue_to_a_worker_process(
     assert job.parent_id in api.by_id, "the job's parent is not an API span"
     assert operation in [api.by_id[job.parent_id], *api.ancestors(api.by_id[job.parent_id])]
     assert_job_tree(remote, job, openai_server.url)
+    # The worker's housekeeping (orphan checks, the event reader) starts no traces of its own.
+    assert {node.trace_id for node in remote.nodes} == {job.trace_id}, [
+        (node.name, node.parent_id) for node in remote.nodes if node.trace_id != job.trace_id
+    ]
