@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mora_graphql import tracing
 from mora_graphql.config import Settings, get_settings
 from mora_graphql.graphiql import graphiql_assets, graphiql_routes
 from mora_graphql.graphql.context import GraphQLDeps
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or get_settings()
     configure_logging(settings.log_level, json=settings.json_logs)
     register_secrets(settings_secrets(settings))
+    tracing.setup("mora-graphql")
     holder: dict[str, Runtime] = {}
     deps: dict[str, GraphQLDeps] = {}
 
@@ -140,6 +142,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     middleware = [
+        *([Middleware(tracing.asgi_middleware)] if tracing.enabled() else []),
         Middleware(RequestIdMiddleware),
         Middleware(
             SecurityHeadersMiddleware,

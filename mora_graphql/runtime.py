@@ -31,6 +31,7 @@ from mora_graphql.providers.llm import LLMClient
 from mora_graphql.providers.subtitles.chain import SubtitleSources
 from mora_graphql.ratelimit import RateLimiter
 from mora_graphql.sessions.service import SessionDeps
+from mora_graphql.tracing import instrument_engine, untraced
 
 Role = Literal["api", "worker"]
 
@@ -90,6 +91,7 @@ async def build_runtime(settings: Settings, *, role: Role = "api") -> Runtime:
     """With the in-process backend the API process also runs the jobs and resumes the sessions
     a previous process left unfinished; with procrastinate the workers (`role="worker"`) do."""
     engine = create_engine(settings)
+    instrument_engine(engine)
     db = create_sessionmaker(engine)
     http = httpx.AsyncClient(timeout=settings.bibigpt_timeout, follow_redirects=True)
     redis = (
@@ -144,7 +146,8 @@ async def build_runtime(settings: Settings, *, role: Role = "api") -> Runtime:
         queue=queue,
     )
     if isinstance(bus, RedisEventBus):
-        await bus.start()
+        with untraced():  # its reader task polls Redis forever
+            await bus.start()
     await queue.start()
     if not settings.uses_procrastinate and role == "api":
         await resume_unfinished(db, queue)

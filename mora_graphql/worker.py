@@ -19,6 +19,8 @@ from mora_graphql.jobs.procrastinate_queue import (
 )
 from mora_graphql.metrics import ORPHANS_REQUEUED, STALLED_JOBS_RETRIED
 from mora_graphql.runtime import build_runtime
+from mora_graphql.tracing import setup as setup_tracing
+from mora_graphql.tracing import untraced
 
 log = structlog.get_logger("mora.worker")
 
@@ -72,13 +74,15 @@ async def _work(settings: Settings, queue: ProcrastinateQueue, name: str) -> Non
 
 
 async def run_worker(settings: Settings) -> None:
+    setup_tracing("mora-worker")
     runtime = await build_runtime(settings, role="worker")
     queue = runtime.queue
     assert isinstance(queue, ProcrastinateQueue)
     name = f"mora-{socket.gethostname()}-{os.getpid()}"
-    maintenance = asyncio.create_task(
-        maintain(settings, runtime.db, queue), name="worker-maintenance"
-    )
+    with untraced():  # the task inherits the suppression: no housekeeping traces
+        maintenance = asyncio.create_task(
+            maintain(settings, runtime.db, queue), name="worker-maintenance"
+        )
     log.info("worker started", name=name, concurrency=settings.job_concurrency)
     try:
         await _work(settings, queue, name)

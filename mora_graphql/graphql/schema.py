@@ -26,6 +26,7 @@ from mora_graphql.graphql.mutations import Mutation
 from mora_graphql.graphql.queries import Query
 from mora_graphql.graphql.subscriptions import Subscription
 from mora_graphql.logging import redact
+from mora_graphql.tracing import graphql_extensions
 
 log = structlog.get_logger("mora.graphql")
 
@@ -94,6 +95,7 @@ def build_schema(settings: Settings) -> strawberry.Schema:
         subscription=Subscription,
         types=list(EVENT_TYPES),
         extensions=[
+            *graphql_extensions(),
             limits.extension(),
             CachedParser,
             lambda: ValidationCache(maxsize=CACHE_SIZE),

@@ -12,6 +12,7 @@ from mora_graphql.db import Database
 from mora_graphql.jobs.base import JobQueue, RunSession
 from mora_graphql.models import ACTIVE_STATUSES
 from mora_graphql.sessions.repository import SessionRepository
+from mora_graphql.tracing import job_span
 
 log = structlog.get_logger(__name__)
 
@@ -75,7 +76,9 @@ class InProcessQueue:
         async with self._slots:
             self._running.add(session_id)
             try:
-                await self.job(session_id, lambda: self._closed)
+                # The task inherited the enqueuing request's context: the job span is its child.
+                with job_span(session_id):
+                    await self.job(session_id, lambda: self._closed)
                 self._crashes.pop(session_id, None)
             except asyncio.CancelledError:
                 raise

@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 from mora_graphql.db import Database
 from mora_graphql.jobs.base import RunSession
 from mora_graphql.sessions.repository import SessionRepository
+from mora_graphql.tracing import carrier, job_span
 
 log = structlog.get_logger("mora.jobs")
 
@@ -44,14 +45,19 @@ def build_app(database_url: str, run: RunSession | None = None) -> procrastinate
         pass_context=True,
         retry=procrastinate.RetryStrategy(max_attempts=20, wait=1),
     )
-    async def run_session(context: JobContext, session_id: str) -> None:
+    async def run_session(
+        context: JobContext, session_id: str, trace: dict[str, str] | None = None
+    ) -> None:
+        """`trace`: the W3C trace context of the request that deferred the job, if traced."""
         if run is None:
             raise RuntimeError("this process only defers jobs; `mora worker` runs them")
 
         def stopping() -> bool:
             return context.abort_reason() == AbortReason.SHUTDOWN
 
-        await run(uuid.UUID(session_id), stopping)
+        ident = uuid.UUID(session_id)
+        with job_span(ident, trace, **{"mora.job.attempt": context.job.attempts}):
+            await run(ident, stopping)
 
     return app
 
@@ -75,8 +81,12 @@ class ProcrastinateQueue:
     async def enqueue(self, session_id: uuid.UUID) -> None:
         key = str(session_id)
         task = self.app.tasks[TASK_NAME]
+        kwargs: dict[str, Any] = {"session_id": key}
+        trace = carrier()
+        if trace is not None:
+            kwargs["trace"] = trace
         with contextlib.suppress(pexc.AlreadyEnqueued):
-            await task.configure(lock=key, queueing_lock=key).defer_async(session_id=key)
+            await task.configure(lock=key, queueing_lock=key).defer_async(**kwargs)
 
     async def _jobs(self, session_id: uuid.UUID, status: Status) -> list[Any]:
         return list(

@@ -31,6 +31,7 @@ from mora_graphql.pipeline.stages.timeline import build_timeline
 from mora_graphql.providers.llm import LLMError, Usage
 from mora_graphql.providers.subtitles.base import Transcript
 from mora_graphql.sessions.repository import SessionRepository
+from mora_graphql.tracing import mark_failed, span
 
 log = structlog.get_logger("mora.pipeline")
 
@@ -88,6 +89,7 @@ class PipelineRunner:
             raise
         except (PipelineError, LLMError) as exc:
             log.info("session failed", code=exc.code.name, error=exc.message)
+            mark_failed(exc.code.name, exc.message)
             await recorder.fail(exc.code, exc.message, usage=usage_json(usage))
         except DBAPIError as exc:
             if not is_disconnect(exc):
@@ -104,6 +106,7 @@ class PipelineRunner:
             raise
         except Exception:
             log.exception("session crashed")
+            mark_failed(ErrorCode.INTERNAL_ERROR.name, "session crashed")
             await recorder.fail(
                 ErrorCode.INTERNAL_ERROR,
                 "Internal error while processing the video.",
@@ -119,7 +122,8 @@ class PipelineRunner:
             raise PipelineError(ErrorCode.INTERNAL_ERROR, "The session disappeared.")
         run = RunContext(deps=self.deps, recorder=recorder, row=row, usage=usage)
 
-        transcript = await fetch_transcript(run)
+        with span("mora.fetch_subtitles"):
+            transcript = await fetch_transcript(run)
         await recorder.stage_changed(
             PipelineStage.GENERATING_CODE,
             PROGRESS_SUBTITLES_DONE,
@@ -151,11 +155,13 @@ class PipelineRunner:
 
     async def _generate(self, run: RunContext, transcript: Transcript, key: str | None) -> None:
         recorder = run.recorder
-        code, check = await generate_code(run, transcript)
+        with span("mora.generate_code", language=run.row.language):
+            code, check = await generate_code(run, transcript)
         await recorder.stage_changed(
             PipelineStage.BUILDING_TIMELINE, PROGRESS_CODE_DONE, generated_code=code
         )
-        timeline = await build_timeline(run, transcript, code)
+        with span("mora.build_timeline"):
+            timeline = await build_timeline(run, transcript, code)
         recorder.advance(PROGRESS_TIMELINE_DONE)
         await recorder.timeline_ready(timeline)
         if key is not None:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal, TypeGuard, cast
+from urllib.parse import urlsplit
 
 import httpx
 import httpx2
@@ -28,6 +29,8 @@ from openai.types.completion_usage import CompletionUsage
 from mora_graphql.config import Settings
 from mora_graphql.errors import ErrorCode
 from mora_graphql.providers.sse import sse_data
+from mora_graphql.tracing import enabled as tracing_enabled
+from mora_graphql.tracing import llm_call, llm_stream
 
 _STATUS_MESSAGES: dict[int, tuple[str, bool]] = {
     400: ("the LLM API rejected the request as invalid (400)", False),
@@ -117,6 +120,7 @@ class LLMClient:
         key = settings.deepseek_api_key.get_secret_value() if settings.deepseek_api_key else ""
         self._api_key = key
         self._owns_http_client = http_client is None
+        self._server = urlsplit(settings.deepseek_api_url).hostname  # for trace spans
         self._client: openai.AsyncOpenAI | None = None
         if key:
             self._client = openai.AsyncOpenAI(
@@ -139,7 +143,7 @@ class LLMClient:
             )
         return self._client
 
-    async def stream_chat(
+    def stream_chat(
         self,
         messages: list[dict[str, str]],
         *,
@@ -147,6 +151,18 @@ class LLMClient:
         usage: Usage | None = None,
     ) -> AsyncIterator[LLMChunk]:
         """Yield reasoning and content deltas; raises LLMError, also for truncated streams."""
+        stream = self._stream_chat(messages, max_tokens=max_tokens, usage=usage)
+        if not tracing_enabled():
+            return stream
+        return llm_stream(stream, self.model, server=self._server, usage=usage)
+
+    async def _stream_chat(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        max_tokens: int | None,
+        usage: Usage | None,
+    ) -> AsyncIterator[LLMChunk]:
         client = self._openai()
         finish_reason: str | None = None
         try:
@@ -203,6 +219,16 @@ class LLMClient:
         usage: Usage | None = None,
     ) -> str:
         """One non-streamed JSON-mode completion; returns the message content string."""
+        with llm_call(self.model, server=self._server, usage=usage):
+            return await self._complete_json(messages, max_tokens=max_tokens, usage=usage)
+
+    async def _complete_json(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        max_tokens: int | None,
+        usage: Usage | None,
+    ) -> str:
         client = self._openai()
         try:
             response: Any = await client.chat.completions.create(
