@@ -1,8 +1,8 @@
 """Password hashing (argon2 via pwdlib), off the event loop.
 
 Each hash or verify costs about 0.1 s of CPU; run on the loop it would stall every live
-stream of the process, so both run on a small pool of their own, one thread per core
-(argon2 releases the GIL), so that a burst of logins queues there instead of on the loop.
+stream of the process, so both run on a small pool of their own (argon2 releases the GIL),
+sized to leave one core to the event loop: a burst of logins queues there, not on the loop.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pwdlib.hashers.argon2 import Argon2Hasher
 _hasher = PasswordHash((Argon2Hasher(),))
 _DUMMY_HASH = _hasher.hash("mora-timing-equaliser")
 _pool = ThreadPoolExecutor(
-    max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="mora-password"
+    max_workers=max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="mora-password"
 )
 
 
