@@ -282,6 +282,10 @@ class SessionRecorder:
         self._last_flush = time.monotonic()
         await self._emit(kind, text=text)
 
+    async def close(self) -> None:
+        """The run is over: a delta still pending (of a run that lost the session) is dropped."""
+        await self._stop_flusher()
+
     async def _stop_flusher(self) -> None:
         flusher, self._flusher = self._flusher, None
         if flusher is not None and flusher is not asyncio.current_task():

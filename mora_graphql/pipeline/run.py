@@ -105,6 +105,7 @@ class PipelineRunner:
                 usage=usage_json(usage),
             )
         finally:
+            await asyncio.shield(recorder.close())
             structlog.contextvars.unbind_contextvars("session_id")
 
     async def _run(self, recorder: SessionRecorder, usage: Usage) -> None:

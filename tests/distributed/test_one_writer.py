@@ -59,6 +59,10 @@ subscription($id: ID!) {
     ... on SessionCompleted { session { generatedCode status } }
   }
 }"""
+ABORT_POLLING = 10.0
+"""Seconds between the test worker's checks for abort requests (counted from its start):
+the abort reaches the job well after the API stopped waiting (CANCEL_WAIT here; the API
+used to wait 5 s and then write the terminal event itself)."""
 CREATE = 'mutation($s: String!) { createSession(input: {videoUrl: "https://youtu.be/dQw4w9WgXcQ", subtitles: $s}) { id } }'
 
 
@@ -148,14 +152,15 @@ async def test_cancel_racing_a_running_job_with_a_slow_abort(
     """The API's cancel wait times out while the job keeps streaming (its worker only polls
     for aborts every few seconds): the run still writes the one terminal event."""
     await _truncate(cancel_log)
-    openai_server.default = slow_responder(0.02)
+    # The stream outlasts the API's wait and the worker's abort polling.
+    openai_server.default = slow_responder(0.1)
     common: dict[str, Any] = {
         "redis_url": redis_url,
         "job_backend": "procrastinate",
         "deepseek_api_url": openai_server.url,
         "deepseek_api_key": OPENAI_TEST_KEY,
         "enable_cache": False,
-        "checkpoint_interval": 0.1,
+        "checkpoint_interval": 1.0,
         "cancel_wait": 0.05,
     }
     await install_schema(build_app(cancel_log))
@@ -167,7 +172,7 @@ async def test_cancel_racing_a_running_job_with_a_slow_abort(
             concurrency=2,
             listen_notify=False,
             fetch_job_polling_interval=0.05,
-            abort_job_polling_interval=3.0,
+            abort_job_polling_interval=ABORT_POLLING,
             install_signal_handlers=False,
             delete_jobs="successful",
         )
@@ -202,7 +207,7 @@ async def _race(live: LiveServer, database: str, redis_url: str, fake: FakeOpenA
     assert_consecutive_after_snapshot(events)
     assert events[-1]["__typename"] == "SessionCancelled"
     # Past the worker's abort polling: whatever the job would still do, it has done.
-    await asyncio.sleep(3.5)
+    await asyncio.sleep(ABORT_POLLING + 0.5)
     published = await stream_events(redis_url, session_id)
     assert_one_writer(published, EventKind.CANCELLED)
     row = db_rows(database, f"SELECT status, last_seq FROM sessions WHERE id = '{session_id}'")

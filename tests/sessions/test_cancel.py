@@ -20,12 +20,18 @@ from mora_graphql.events.stream import Snapshot, follow_session
 from mora_graphql.events.types import EventKind, SessionEvent
 from mora_graphql.jobs.base import JobQueue
 from mora_graphql.jobs.inprocess import InProcessQueue
-from mora_graphql.models import RETRYABLE_STATUSES, Role, SessionStatus
-from mora_graphql.pipeline.recorder import Pacing, SessionRecorder
+from mora_graphql.models import (
+    RETRYABLE_STATUSES,
+    Platform,
+    Role,
+    SessionStatus,
+    User,
+    VideoSession,
+)
+from mora_graphql.pipeline.recorder import SessionRecorder
 from mora_graphql.sessions.repository import SessionRepository
 from mora_graphql.sessions.service import SessionDeps, SessionService
 from tests.conftest import make_settings
-from tests.pipeline.test_recorder import new_session, row_of
 
 ADMIN = Principal(
     user_id=uuid.uuid4(),
@@ -63,10 +69,36 @@ def service(db: Database, queue: JobQueue, bus: EventBus) -> SessionService:
     return SessionService(deps, ADMIN)
 
 
+async def new_session(db: Database) -> uuid.UUID:
+    async with transaction(db) as session:
+        user = User(email=f"{uuid.uuid4().hex}@example.com", password_hash="x")
+        session.add(user)
+        await session.flush()
+        row = VideoSession(
+            owner_id=user.id,
+            video_url="https://www.youtube.com/watch?v=dQw4w9WgXcQ",
+            platform=Platform.YOUTUBE,
+            video_id="youtube:dQw4w9WgXcQ",
+            language="python",
+        )
+        session.add(row)
+        await session.flush()
+        return row.id
+
+
+async def row_of(db: Database, session_id: uuid.UUID) -> VideoSession:
+    async with db() as session:
+        row = await SessionRepository(session).get(session_id)
+    assert row is not None
+    return row
+
+
 async def begin(
-    db: Database, bus: EventBus, session_id: uuid.UUID, **pacing: float
+    db: Database, bus: EventBus, session_id: uuid.UUID, *, checkpoint_interval: float
 ) -> SessionRecorder:
-    recorder = await SessionRecorder.begin(db, bus, session_id, pacing=Pacing(**pacing))
+    recorder = await SessionRecorder.begin(
+        db, bus, session_id, checkpoint_interval=checkpoint_interval
+    )
     assert recorder is not None
     return recorder
 
@@ -76,9 +108,10 @@ async def test_cancel_after_an_embedded_crash_ends_above_every_seq_seen(db: Data
     the restart the session is resumed but waits for a job slot, and is cancelled there."""
     session_id = await new_session(db)
     before_crash = MemoryEventBus()
-    crashed = await begin(db, before_crash, session_id, checkpoint_interval=3600, flush_interval=0)
+    crashed = await begin(db, before_crash, session_id, checkpoint_interval=3600)
     for index in range(30):
         await crashed.code_delta(f"line {index}\n")
+        await asyncio.sleep(0.005)
     seen = await before_crash.last_seq(session_id)
     assert (await row_of(db, session_id)).last_seq < seen
 
@@ -119,7 +152,7 @@ async def test_replay_from_before_a_retried_cancel_is_not_ended_by_that_cancel(
     db: Database, bus: EventBus
 ) -> None:
     session_id = await new_session(db)
-    first = await begin(db, bus, session_id, checkpoint_interval=0, flush_interval=0)
+    first = await begin(db, bus, session_id, checkpoint_interval=0)
     await first.code_delta("draft = 1\n")
     seen = first.seq
     assert await first.cancelled()
@@ -127,7 +160,7 @@ async def test_replay_from_before_a_retried_cancel_is_not_ended_by_that_cancel(
         assert await SessionRepository(session).reset_run(
             session_id, RETRYABLE_STATUSES, status=SessionStatus.CREATED, stage=None
         )
-    second = await begin(db, bus, session_id, checkpoint_interval=0, flush_interval=0)
+    second = await begin(db, bus, session_id, checkpoint_interval=0)
     await second.code_delta("print(1)\n")
     assert await second.complete()
 
