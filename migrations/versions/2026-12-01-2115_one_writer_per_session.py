@@ -29,9 +29,6 @@ def upgrade() -> None:
         )
     # Existing rows: nothing above last_seq is known to be reserved.
     op.execute("UPDATE sessions SET seq_ceiling = last_seq")
-    with op.batch_alter_table("sessions", schema=None) as batch_op:
-        batch_op.alter_column("seq_ceiling", server_default=None)
-        batch_op.alter_column("cancel_requested", server_default=None)
 
 
 def downgrade() -> None:

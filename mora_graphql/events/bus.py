@@ -78,9 +78,12 @@ class EventBus(Protocol):
         run has raised the session's fence; the first publish of an attempt raises it."""
         ...
 
-    async def fence(self, session_id: uuid.UUID, attempt: int) -> bool:
+    async def fence(self, session_id: uuid.UUID, attempt: int) -> int | None:
         """Raise the session's fence to `attempt` (a run starts) and keep its events for the
-        run's length; False when a later attempt already holds it."""
+        run's length. Returns the attempt that held the fence before: 0 when the bus keeps
+        nothing of the session (a restarted process, expired state, an unreachable bus), so
+        its `last_seq` cannot be trusted to cover every seq published; None when a later
+        attempt holds the fence."""
         ...
 
     def subscribe(self, session_id: uuid.UUID) -> AbstractAsyncContextManager[Subscriber]: ...
@@ -107,13 +110,14 @@ class MemoryEventBus:
         self._expiry: dict[uuid.UUID, asyncio.TimerHandle] = {}
         self._fences: dict[uuid.UUID, int] = {}
 
-    async def fence(self, session_id: uuid.UUID, attempt: int) -> bool:
-        if self._fences.get(session_id, 0) > attempt:
-            return False
+    async def fence(self, session_id: uuid.UUID, attempt: int) -> int | None:
+        before = self._fences.get(session_id, 0)
+        if before > attempt:
+            return None
         self._fences[session_id] = attempt
         if handle := self._expiry.pop(session_id, None):
             handle.cancel()
-        return True
+        return before
 
     async def publish(self, event: SessionEvent, *, attempt: int) -> Published:
         sid = event.session_id

@@ -37,13 +37,13 @@ TTL. 1 appended and published, 0 fenced out by a later attempt, -1 the seq was a
 
 FENCE_SCRIPT = """
 local fence = tonumber(redis.call('GET', KEYS[2]) or '0')
-if fence > tonumber(ARGV[1]) then return 0 end
+if fence > tonumber(ARGV[1]) then return -1 end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-return 1
+return fence
 """
-"""KEYS: stream, fence. ARGV: attempt, TTL. 1 raised (or already there), 0 a later attempt
-holds the fence."""
+"""KEYS: stream, fence. ARGV: attempt, TTL. The attempt that held the fence before (0: none),
+-1 when a later attempt holds it."""
 
 
 class RedisEventBus:
@@ -101,15 +101,15 @@ class RedisEventBus:
     def _fence_key(self, session_id: uuid.UUID) -> str:
         return f"{self.fence_prefix}{session_id}"
 
-    async def fence(self, session_id: uuid.UUID, attempt: int) -> bool:
+    async def fence(self, session_id: uuid.UUID, attempt: int) -> int | None:
         keys = [self._key(session_id), self._fence_key(session_id)]
         try:
-            raised = await self._fence_script(keys=keys, args=[attempt, self.active_ttl])
+            before = int(await self._fence_script(keys=keys, args=[attempt, self.active_ttl]))
         except RedisError as exc:
             # The run's first publish raises the fence as well.
             log.warning("fence not raised", attempt=attempt, error=type(exc).__name__)
-            return True
-        return bool(raised)
+            return 0
+        return None if before < 0 else before
 
     async def publish(self, event: SessionEvent, *, attempt: int) -> Published:
         keys = [self._key(event.session_id), self._fence_key(event.session_id)]

@@ -118,14 +118,19 @@ class SessionRecorder:
             if row is None or row.status.is_terminal:
                 return None
             attempt = row.attempt + 1
-            if not await bus.fence(session_id, attempt):
+            fenced_before = await bus.fence(session_id, attempt)
+            if fenced_before is None:
                 log.error("a later run holds the session's fence", attempt=attempt)
                 return None
-            # Once the fence is raised no earlier run can append: what the bus holds is exact.
-            # Without its history (a restarted embedded process, an expired stream), start
-            # above everything an earlier run may have published: the durable ceiling.
+            # Once the fence is raised no earlier run can append. When the bus kept this
+            # session's state since an earlier run began, its last seq is exact; otherwise (a
+            # restarted embedded process, expired state, an unreachable bus) start above
+            # everything an earlier run may have published: the durable ceiling.
             known = await _bus_last_seq(bus, session_id)
-            start = max(row.last_seq, known) if known else max(row.last_seq, row.seq_ceiling)
+            if fenced_before:
+                start = max(row.last_seq, known)
+            else:
+                start = max(row.last_seq, row.seq_ceiling, known)
             recorder = cls(
                 db,
                 bus,
