@@ -111,6 +111,8 @@ class Settings(BaseSettings):
     reconcile_interval: float = 15.0
     worker_shutdown_timeout: float = 30.0
     checkpoint_interval: float = 1.0
+    delta_flush_interval: float = Field(default=0.03, ge=0.0, le=5.0)
+    cancel_wait: float = Field(default=5.0, ge=0.0)
     event_retention: int = 10_000
     subscriber_buffer: int = 1_000
 

@@ -7,7 +7,18 @@ import enum
 import uuid
 from typing import Any
 
-from sqlalchemy import Boolean, Enum, Float, ForeignKey, Index, Integer, String, Text, Uuid
+from sqlalchemy import (
+    Boolean,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    Uuid,
+    false,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from mora_graphql.db import Base, JSONType, UTCDateTime, utcnow
@@ -95,7 +106,15 @@ class VideoSession(Base):
     from_cache: Mapped[bool] = mapped_column(Boolean, default=False)
     force_refresh: Mapped[bool] = mapped_column(Boolean, default=False)
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
+    seq_ceiling: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Every seq up to here may have been published: the run holding the session reserves
+    seqs ahead in blocks, durably, before it publishes them; a later writer starts above."""
     attempt: Mapped[int] = mapped_column(Integer, default=0)
+    """The fencing token of the run holding the session: each run raises it at its start,
+    and every row write of a run is conditional on it."""
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """A cancel asked of the run holding the session; the run acts on it at its next
+    checkpoint (the queue's abort signal is the fast path)."""
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     completed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -127,10 +127,14 @@ async def build_runtime(settings: Settings, *, role: Role = "api") -> Runtime:
         from mora_graphql.jobs.procrastinate_queue import ProcrastinateQueue, build_app
 
         queue = ProcrastinateQueue(
-            build_app(settings.database_url, runner.run if role == "worker" else None), db
+            build_app(settings.database_url, runner.run if role == "worker" else None),
+            db,
+            cancel_wait=settings.cancel_wait,
         )
     else:
-        queue = InProcessQueue(runner.run, concurrency=settings.job_concurrency)
+        queue = InProcessQueue(
+            runner.run, concurrency=settings.job_concurrency, cancel_timeout=settings.cancel_wait
+        )
     runtime = Runtime(
         settings=settings,
         engine=engine,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
@@ -59,8 +60,31 @@ class Subscriber:
         self.lagging = False
 
 
+class Published(enum.Enum):
+    """What became of one `publish`."""
+
+    OK = "ok"
+    FENCED = "fenced"
+    """A later run holds the session (its fence is above this attempt): nothing was written."""
+    DUPLICATE = "duplicate"
+    """The seq is already on the bus: nothing was written."""
+    UNAVAILABLE = "unavailable"
+    """The bus could not be reached; subscribers recover from the stored row."""
+
+
 class EventBus(Protocol):
-    async def publish(self, event: SessionEvent) -> None: ...
+    async def publish(self, event: SessionEvent, *, attempt: int) -> Published:
+        """Append and fan out `event` for the run `attempt`, in one round trip, unless a later
+        run has raised the session's fence; the first publish of an attempt raises it."""
+        ...
+
+    async def fence(self, session_id: uuid.UUID, attempt: int) -> int | None:
+        """Raise the session's fence to `attempt` (a run starts) and keep its events for the
+        run's length. Returns the attempt that held the fence before: 0 when the bus keeps
+        nothing of the session (a restarted process, expired state, an unreachable bus), so
+        its `last_seq` cannot be trusted to cover every seq published; None when a later
+        attempt holds the fence."""
+        ...
 
     def subscribe(self, session_id: uuid.UUID) -> AbstractAsyncContextManager[Subscriber]: ...
 
@@ -84,11 +108,24 @@ class MemoryEventBus:
         self._last: dict[uuid.UUID, int] = {}
         self._subscribers: dict[uuid.UUID, set[Subscriber]] = {}
         self._expiry: dict[uuid.UUID, asyncio.TimerHandle] = {}
+        self._fences: dict[uuid.UUID, int] = {}
 
-    async def publish(self, event: SessionEvent) -> None:
+    async def fence(self, session_id: uuid.UUID, attempt: int) -> int | None:
+        before = self._fences.get(session_id, 0)
+        if before > attempt:
+            return None
+        self._fences[session_id] = attempt
+        if handle := self._expiry.pop(session_id, None):
+            handle.cancel()
+        return before
+
+    async def publish(self, event: SessionEvent, *, attempt: int) -> Published:
         sid = event.session_id
+        if self._fences.get(sid, 0) > attempt:
+            return Published.FENCED
+        self._fences[sid] = attempt
         if event.seq <= self._last.get(sid, 0):
-            return
+            return Published.DUPLICATE
         self._last[sid] = event.seq
         EVENTS_PUBLISHED.labels(event.kind.value).inc()
         self._events.setdefault(sid, deque(maxlen=self.retention)).append(event)
@@ -96,8 +133,7 @@ class MemoryEventBus:
             subscriber.offer(event)
         if event.is_terminal:
             self._schedule_expiry(sid)
-        elif handle := self._expiry.pop(sid, None):
-            handle.cancel()
+        return Published.OK
 
     def _schedule_expiry(self, sid: uuid.UUID) -> None:
         if handle := self._expiry.pop(sid, None):

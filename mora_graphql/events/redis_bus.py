@@ -11,9 +11,9 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 import structlog
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
-from mora_graphql.events.bus import Subscriber
+from mora_graphql.events.bus import Published, Subscriber
 from mora_graphql.events.types import SessionEvent
 from mora_graphql.metrics import EVENTS_PUBLISHED
 
@@ -21,12 +21,38 @@ log = structlog.get_logger("mora.events")
 
 CONTROL_CHANNEL = "mora:events:control"
 
+PUBLISH_SCRIPT = """
+local attempt = tonumber(ARGV[1])
+local fence = tonumber(redis.call('GET', KEYS[2]) or '0')
+if fence > attempt then return 0 end
+if fence < attempt then redis.call('SET', KEYS[2], attempt, 'EX', ARGV[6]) end
+local added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], ARGV[2], 'e', ARGV[3])
+if type(added) == 'table' and added.err then return -1 end
+if ARGV[5] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
+redis.call('PUBLISH', KEYS[1], ARGV[3])
+return 1
+"""
+"""KEYS: stream, fence. ARGV: attempt, entry id, payload, maxlen, stream TTL (0: keep), fence
+TTL. 1 appended and published, 0 fenced out by a later attempt, -1 the seq was already there."""
+
+FENCE_SCRIPT = """
+local fence = tonumber(redis.call('GET', KEYS[2]) or '0')
+if fence > tonumber(ARGV[1]) then return -1 end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return fence
+"""
+"""KEYS: stream, fence. ARGV: attempt, TTL. The attempt that held the fence before (0: none),
+-1 when a later attempt holds it."""
+
 
 class RedisEventBus:
     """Events are XADDed to `mora:events:{sid}` with id `{seq}-0` (a duplicate is refused by
-    Redis itself) and PUBLISHed on the same name. Each process keeps one pub/sub connection,
-    subscribed to the sessions its clients follow; after a reconnect every local subscriber is
-    told to catch up from the stream, so a dropped message never becomes a gap."""
+    Redis itself) and PUBLISHed on the same name, by one Lua script that first checks the
+    session's fence (`mora:fence:{sid}`, the attempt of the run holding it): a stale run's
+    events are refused atomically, in the same round trip. Each process keeps one pub/sub
+    connection, subscribed to the sessions its clients follow; after a reconnect every local
+    subscriber is told to catch up from the stream, so a dropped message never becomes a gap."""
 
     def __init__(
         self,
@@ -37,6 +63,7 @@ class RedisEventBus:
         active_ttl: int = 86_400,
         finished_ttl: int = 3_600,
         prefix: str = "mora:events:",
+        fence_prefix: str = "mora:fence:",
     ) -> None:
         self.redis = redis
         self.retention = retention
@@ -44,6 +71,9 @@ class RedisEventBus:
         self.active_ttl = active_ttl
         self.finished_ttl = finished_ttl
         self.prefix = prefix
+        self.fence_prefix = fence_prefix
+        self._publish_script = redis.register_script(PUBLISH_SCRIPT)
+        self._fence_script = redis.register_script(FENCE_SCRIPT)
         self._subscribers: dict[uuid.UUID, set[Subscriber]] = {}
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -68,28 +98,40 @@ class RedisEventBus:
                 await self._reader
             self._reader = None
 
-    async def publish(self, event: SessionEvent) -> None:
-        key = self._key(event.session_id)
-        payload = event.to_json()
-        ttl = self.finished_ttl if event.is_terminal else self.active_ttl
+    def _fence_key(self, session_id: uuid.UUID) -> str:
+        return f"{self.fence_prefix}{session_id}"
+
+    async def fence(self, session_id: uuid.UUID, attempt: int) -> int | None:
+        keys = [self._key(session_id), self._fence_key(session_id)]
         try:
-            await self.redis.xadd(
-                key, {"e": payload}, id=f"{event.seq}-0", maxlen=self.retention, approximate=True
-            )
-        except ResponseError as exc:
-            if "equal or smaller" in str(exc):
-                return
-            raise
+            before = int(await self._fence_script(keys=keys, args=[attempt, self.active_ttl]))
         except RedisError as exc:
-            log.warning("event not stored", seq=event.seq, error=type(exc).__name__)
-        EVENTS_PUBLISHED.labels(event.kind.value).inc()
+            # The run's first publish raises the fence as well.
+            log.warning("fence not raised", attempt=attempt, error=type(exc).__name__)
+            return 0
+        return None if before < 0 else before
+
+    async def publish(self, event: SessionEvent, *, attempt: int) -> Published:
+        keys = [self._key(event.session_id), self._fence_key(event.session_id)]
+        args: list[str | int] = [
+            attempt,
+            f"{event.seq}-0",
+            event.to_json(),
+            self.retention,
+            self.finished_ttl if event.is_terminal else 0,
+            self.active_ttl,
+        ]
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.expire(key, ttl)
-                pipe.publish(key, payload)
-                await pipe.execute()
+            outcome = await self._publish_script(keys=keys, args=args)
         except RedisError as exc:
             log.warning("event not published", seq=event.seq, error=type(exc).__name__)
+            return Published.UNAVAILABLE
+        if outcome == 0:
+            return Published.FENCED
+        if outcome == -1:
+            return Published.DUPLICATE
+        EVENTS_PUBLISHED.labels(event.kind.value).inc()
+        return Published.OK
 
     async def replay(self, session_id: uuid.UUID, after_seq: int) -> list[SessionEvent] | None:
         """Events after `after_seq`, or None when the stream cannot give all of them (trimmed,

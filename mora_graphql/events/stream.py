@@ -47,6 +47,18 @@ def terminal_event(row: VideoSession) -> SessionEvent:
     )
 
 
+def _superseded(events: list[SessionEvent], stored_last: int = 0) -> list[SessionEvent]:
+    """A terminal event followed by a later run's events (a retry) does not end a replay:
+    it is delivered, with its seq, as the status change it was."""
+    newest = max(stored_last, events[-1].seq if events else 0)
+    return [
+        dataclasses.replace(event, kind=EventKind.STATUS_CHANGED, payload=None)
+        if event.is_terminal and event.seq < newest
+        else event
+        for event in events
+    ]
+
+
 async def _load(db: Database, session_id: uuid.UUID, owner_id: uuid.UUID | None) -> VideoSession:
     async with db() as session:
         row = await SessionRepository(session).get_visible(session_id, owner_id)
@@ -92,6 +104,8 @@ async def _follow(
     row = await _load(db, session_id, owner_id)
     last = -1
     replayed = await bus.replay(session_id, after_seq) if after_seq is not None else None
+    if replayed is not None:
+        replayed = _superseded(replayed, row.last_seq)
     if replayed is not None and after_seq is not None:
         reach = replayed[-1].seq if replayed else after_seq
         if reach < row.last_seq:
@@ -156,6 +170,8 @@ async def _catch_up(
     was unreachable when it was published) still ends the stream with its terminal event."""
     subscriber.reset()
     events = await bus.replay(session_id, last)
+    if events is not None:
+        events = _superseded(events)
     for event in events or ():
         yield event, event.seq
         last = event.seq
@@ -173,7 +189,7 @@ async def _catch_up(
         return
     if row.last_seq > last + 1 and events is not None:
         # The run finished while we read: its last events are normally in the log by now.
-        for event in await bus.replay(session_id, last) or ():
+        for event in _superseded(await bus.replay(session_id, last) or [], row.last_seq):
             yield event, event.seq
             last = event.seq
             if event.is_terminal:

@@ -21,5 +21,7 @@ class JobQueue(Protocol):
         ...
 
     async def cancel(self, session_id: uuid.UUID) -> bool:
-        """Stop the run; True when a running job was stopped and has finalised the session."""
+        """Drop the session's queued job and ask a running one to stop, waiting a little for
+        it to end the session. True when a run held the session (it ends the session itself,
+        perhaps later), False when none did (the caller ends the session)."""
         ...

@@ -101,18 +101,18 @@ class ProcrastinateQueue:
             return False
         for job in running:
             await self.app.job_manager.cancel_job_by_id_async(job.id, abort=True)
-        return await self._wait_until_finished(session_id)
+        await self._wait_until_finished(session_id)
+        return True
 
-    async def _wait_until_finished(self, session_id: uuid.UUID) -> bool:
+    async def _wait_until_finished(self, session_id: uuid.UUID) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cancel_wait
         while loop.time() < deadline:
             async with self.db() as session:
                 status = await SessionRepository(session).status_of(session_id)
             if status is None or status.is_terminal:
-                return True
+                return
             await asyncio.sleep(0.05)
-        return False
 
 
 async def retry_stalled_jobs(app: procrastinate.App, *, heartbeat_timeout: float) -> int:

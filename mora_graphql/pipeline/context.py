@@ -76,8 +76,15 @@ class RunContext:
 
     async def retrying(self, operation: Callable[[int], Awaitable[T]]) -> T:
         """`operation(attempt)` with the configured retries on transient upstream errors."""
+
+        async def guarded(attempt: int) -> T:
+            if attempt > 1:
+                # A paused or cancelled run must not open another upstream call.
+                await self.recorder.still_held()
+            return await operation(attempt)
+
         return await with_retries(
-            operation,
+            guarded,
             attempts=self.settings.deepseek_max_retries + 1,
             base_delay=self.settings.deepseek_retry_base_delay,
         )

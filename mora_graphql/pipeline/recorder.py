@@ -1,26 +1,61 @@
-"""Owns one run's event sequence and its writes: events out, checkpoints in, one terminal write."""
+"""The one writer of a session: the run holding it allocates `seq`, publishes its events
+(token deltas coalesced per flush window), checkpoints its state and makes one terminal write.
+
+Every row write is fenced by the run's attempt and every publish carries it, so a run that
+lost the session (e.g. a worker paused past the stalled-job timeout) writes nothing more.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
+
+import structlog
 
 from mora_graphql.db import Database, transaction, utcnow
 from mora_graphql.errors import ErrorCode
-from mora_graphql.events.bus import EventBus
+from mora_graphql.events.bus import EventBus, Published
 from mora_graphql.events.types import EventKind, SessionEvent
-from mora_graphql.models import ACTIVE_STATUSES, PipelineStage, SessionStatus
+from mora_graphql.models import ACTIVE_STATUSES, PipelineStage, SessionStatus, VideoSession
 from mora_graphql.sessions.repository import SessionRepository
 
-RESUME_SEQ_SKIP = 10_000
-"""Seq numbers skipped when a run resumes without the bus's history (see `begin`)."""
+log = structlog.get_logger("mora.pipeline")
+
+SEQ_BLOCK = 256
+"""Seqs reserved ahead, durably (`seq_ceiling`), before the run publishes them."""
+DELTA_FLUSH_CHARS = 4_096
+"""A pending delta this long is published at once, whatever the flush window."""
+
+DELTA_KINDS = frozenset({EventKind.CODE_DELTA, EventKind.THOUGHT_DELTA})
 
 
 class SessionEnded(Exception):
-    """The session reached a terminal state outside this run (cancelled, deleted)."""
+    """This run does not hold the session any more: it ended elsewhere (cancelled, deleted)
+    or a later run took it over. The run stops without writing anything else."""
+
+
+class CancelRequested(Exception):
+    """A cancel was asked of this run (seen at a checkpoint); the run ends as CANCELLED."""
+
+
+@dataclass(frozen=True)
+class Pacing:
+    checkpoint_interval: float = 1.0
+    flush_interval: float = 0.03
+    flush_chars: int = DELTA_FLUSH_CHARS
+
+
+async def _bus_last_seq(bus: EventBus, session_id: uuid.UUID) -> int:
+    try:
+        return await bus.last_seq(session_id)
+    except Exception as exc:  # the bus is optional for correctness: the ceiling is durable
+        log.warning("bus history unavailable", error=type(exc).__name__)
+        return 0
 
 
 class SessionRecorder:
@@ -30,66 +65,123 @@ class SessionRecorder:
         bus: EventBus,
         session_id: uuid.UUID,
         *,
+        attempt: int,
         seq: int,
+        ceiling: int,
         status: SessionStatus,
         stage: PipelineStage | None,
         progress: float,
-        checkpoint_interval: float = 1.0,
+        pacing: Pacing | None = None,
     ) -> None:
         self.db = db
         self.bus = bus
         self.session_id = session_id
+        self.attempt = attempt
         self.seq = seq
+        self.ceiling = ceiling
         self.status = status
         self.stage = stage
         self.progress = progress
-        self.checkpoint_interval = checkpoint_interval
+        self.pacing = pacing or Pacing()
         self.code = ""
         self.code_started = False
         self._last_checkpoint = time.monotonic()
+        self._lock = asyncio.Lock()
+        self._pending_kind: EventKind | None = None
+        self._pending: list[str] = []
+        self._pending_chars = 0
+        self._last_flush = -1e9
+        self._flusher: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
+
+    @property
+    def checkpoint_interval(self) -> float:
+        return self.pacing.checkpoint_interval
 
     @classmethod
     async def begin(
-        cls, db: Database, bus: EventBus, session_id: uuid.UUID, *, checkpoint_interval: float = 1.0
+        cls,
+        db: Database,
+        bus: EventBus,
+        session_id: uuid.UUID,
+        *,
+        checkpoint_interval: float = 1.0,
+        pacing: Pacing | None = None,
     ) -> SessionRecorder | None:
-        """Mark the session PROCESSING and return a recorder; None when it has already ended."""
+        """Take the session for a new run (attempt + 1, fence raised) and mark it
+        PROCESSING; None when it has already ended (or a cancel asked of an earlier run
+        ended it now)."""
+        pacing = pacing or Pacing(checkpoint_interval=checkpoint_interval)
         async with transaction(db) as session:
             repo = SessionRepository(session)
             row = await repo.get(session_id, for_update=True)
             if row is None or row.status.is_terminal:
                 return None
-            known = await bus.last_seq(session_id)
-            seq = max(row.last_seq, known)
-            if row.last_seq and not known:
-                # The bus lost this session's history (a restarted process): the stored seq may
-                # lag what subscribers saw, so jump past anything that could have been published.
-                seq += RESUME_SEQ_SKIP
+            attempt = row.attempt + 1
+            fenced_before = await bus.fence(session_id, attempt)
+            if fenced_before is None:
+                log.error("a later run holds the session's fence", attempt=attempt)
+                return None
+            # Once the fence is raised no earlier run can append. When the bus kept this
+            # session's state since an earlier run began, its last seq is exact; otherwise (a
+            # restarted embedded process, expired state, an unreachable bus) start above
+            # everything an earlier run may have published: the durable ceiling.
+            known = await _bus_last_seq(bus, session_id)
+            if fenced_before:
+                start = max(row.last_seq, known)
+            else:
+                start = max(row.last_seq, row.seq_ceiling, known)
             recorder = cls(
                 db,
                 bus,
                 session_id,
-                seq=seq,
+                attempt=attempt,
+                seq=start + 1,
+                ceiling=start + 1 + SEQ_BLOCK,
                 status=SessionStatus.PROCESSING,
                 stage=PipelineStage.FETCHING_SUBTITLES,
                 progress=0.0,
-                checkpoint_interval=checkpoint_interval,
+                pacing=pacing,
             )
-            # Read before the update below, which refreshes `row` in place.
-            earlier_code = (
-                row.status is SessionStatus.PROCESSING
-                or bool(row.generated_code)
-                or row.attempt > 0
+            if row.cancel_requested:
+                # Asked of a run that died before acting on it: end the session now.
+                recorder.status = SessionStatus.CANCELLED
+                recorder.stage = row.stage
+                recorder.progress = row.progress
+                await repo.update_if_status(
+                    session_id,
+                    ACTIVE_STATUSES,
+                    status=SessionStatus.CANCELLED,
+                    attempt=attempt,
+                    last_seq=recorder.seq,
+                    seq_ceiling=recorder.seq,
+                    cancel_requested=False,
+                    completed_at=utcnow(),
+                )
+                ended = True
+            else:
+                # Read before the update below, which refreshes `row` in place.
+                earlier_code = (
+                    row.status is SessionStatus.PROCESSING
+                    or bool(row.generated_code)
+                    or row.attempt > 0
+                )
+                await repo.reset_run(
+                    session_id,
+                    ACTIVE_STATUSES,
+                    status=SessionStatus.PROCESSING,
+                    stage=PipelineStage.FETCHING_SUBTITLES,
+                    attempt=attempt,
+                    last_seq=recorder.seq,
+                    seq_ceiling=recorder.ceiling,
+                )
+                ended = False
+        if ended:
+            await recorder._send(
+                recorder._event(EventKind.CANCELLED, recorder.seq, None, None), terminal=True
             )
-            recorder.seq += 1
-            await repo.reset_run(
-                session_id,
-                ACTIVE_STATUSES,
-                status=SessionStatus.PROCESSING,
-                stage=PipelineStage.FETCHING_SUBTITLES,
-                attempt=row.attempt + 1,
-                last_seq=recorder.seq,
-            )
-        await recorder._publish(EventKind.STATUS_CHANGED, seq=recorder.seq)
+            return None
+        await recorder._send(recorder._event(EventKind.STATUS_CHANGED, recorder.seq, None, None))
         if earlier_code:
             await recorder.code_reset()
         return recorder
@@ -109,32 +201,118 @@ class SessionRecorder:
             payload=payload,
         )
 
-    async def _publish(
-        self,
-        kind: EventKind,
-        *,
-        seq: int | None = None,
-        text: str | None = None,
-        payload: str | None = None,
+    async def _send(self, event: SessionEvent, *, terminal: bool = False) -> None:
+        """One bus round trip. A refused publish means a later run holds the session."""
+        outcome = await self.bus.publish(event, attempt=self.attempt)
+        if outcome is Published.FENCED and not terminal:
+            raise SessionEnded(self.session_id)
+        if outcome is Published.DUPLICATE:
+            log.error("seq already published", seq=event.seq, attempt=self.attempt)
+
+    async def _emit(
+        self, kind: EventKind, *, text: str | None = None, payload: str | None = None
     ) -> SessionEvent:
-        if seq is None:
-            self.seq += 1
-            seq = self.seq
+        """Allocate the next seq and publish (the caller holds the lock)."""
+        seq = self.seq + 1
+        if seq > self.ceiling:
+            await self._reserve(seq + SEQ_BLOCK)
+        self.seq = seq
         event = self._event(kind, seq, text, payload)
-        await self.bus.publish(event)
+        await self._send(event)
         return event
+
+    async def _reserve(self, ceiling: int) -> None:
+        async with transaction(self.db) as session:
+            held = await SessionRepository(session).update_run(
+                self.session_id, self.attempt, seq_ceiling=ceiling
+            )
+        if held is None:
+            raise SessionEnded(self.session_id)
+        self.ceiling = ceiling
+
+    def _check_failure(self) -> None:
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+
+    async def _publish(
+        self, kind: EventKind, *, text: str | None = None, payload: str | None = None
+    ) -> SessionEvent:
+        self._check_failure()
+        async with self._lock:
+            await self._flush_locked()
+            return await self._emit(kind, text=text, payload=payload)
+
+    # Deltas: coalesced per session into one event per flush window.
+
+    async def _delta(self, kind: EventKind, text: str) -> None:
+        self._check_failure()
+        if self._pending_kind is not None and self._pending_kind is not kind:
+            await self.flush()
+        self._pending_kind = kind
+        self._pending.append(text)
+        self._pending_chars += len(text)
+        now = time.monotonic()
+        due = self._last_flush + self.pacing.flush_interval
+        if self._pending_chars >= self.pacing.flush_chars or now >= due:
+            await self.flush()
+        elif self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_later(due - now))
+
+    async def _flush_later(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._flusher = None
+        try:
+            await self.flush()
+        except Exception as exc:  # handed to the run at its next call
+            self._failure = exc
+
+    async def flush(self) -> None:
+        """Publish the pending delta now."""
+        async with self._lock:
+            await self._flush_locked()
+
+    async def _flush_locked(self) -> None:
+        flusher = self._flusher
+        if flusher is not None and flusher is not asyncio.current_task():
+            flusher.cancel()
+            self._flusher = None
+        kind = self._pending_kind
+        if kind is None:
+            return
+        text = "".join(self._pending)
+        self._pending_kind = None
+        self._pending = []
+        self._pending_chars = 0
+        self._last_flush = time.monotonic()
+        await self._emit(kind, text=text)
+
+    async def close(self) -> None:
+        """The run is over: a delta still pending (of a run that lost the session) is dropped."""
+        await self._stop_flusher()
+
+    async def _stop_flusher(self) -> None:
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None and flusher is not asyncio.current_task():
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
 
     def advance(self, progress: float) -> None:
         self.progress = min(max(self.progress, progress), 1.0)
 
     async def stage_changed(self, stage: PipelineStage, progress: float, **fields: Any) -> None:
-        self.stage = stage
-        self.advance(progress)
-        await self._publish(EventKind.STATUS_CHANGED)
+        async with self._lock:
+            await self._flush_locked()
+            self.stage = stage
+            self.advance(progress)
+            await self._emit(EventKind.STATUS_CHANGED)
         await self.checkpoint(force=True, **fields)
 
     async def thought(self, text: str) -> None:
-        await self._publish(EventKind.THOUGHT_DELTA, text=text)
+        if not text:
+            return
+        await self._delta(EventKind.THOUGHT_DELTA, text)
         await self.checkpoint()
 
     async def code_delta(self, text: str, progress: float | None = None) -> None:
@@ -144,14 +322,17 @@ class SessionRecorder:
         self.code_started = True
         if progress is not None:
             self.advance(progress)
-        await self._publish(EventKind.CODE_DELTA, text=text)
+        await self._delta(EventKind.CODE_DELTA, text)
         await self.checkpoint()
 
     async def code_reset(self) -> None:
         """Discard the partial code (a retry restarts the stream); clients drop what they have."""
-        self.code = ""
-        self.code_started = False
-        await self._publish(EventKind.CODE_RESET)
+        self._check_failure()
+        async with self._lock:
+            await self._flush_locked()
+            self.code = ""
+            self.code_started = False
+            await self._emit(EventKind.CODE_RESET)
         await self.checkpoint(force=True)
 
     async def replace_code(self, code: str) -> None:
@@ -160,28 +341,68 @@ class SessionRecorder:
             return
         await self.code_reset()
         await self.code_delta(code)
+        await self.flush()
 
     async def timeline_ready(self, timeline: dict[str, Any]) -> None:
         await self._publish(EventKind.TIMELINE_READY, payload=json.dumps(timeline))
 
     async def checkpoint(self, *, force: bool = False, **fields: Any) -> None:
+        """Store the state published so far (time-based unless forced); acts on a cancel
+        asked of the run, and stops a run that lost the session."""
+        self._check_failure()
         now = time.monotonic()
         if not force and now - self._last_checkpoint < self.checkpoint_interval:
             return
         self._last_checkpoint = now
-        values = {
-            "generated_code": self.code or None,
-            "stage": self.stage,
-            "progress": self.progress,
-            "last_seq": self.seq,
-            **fields,
-        }
-        async with transaction(self.db) as session:
-            active = await SessionRepository(session).update_if_status(
-                self.session_id, ACTIVE_STATUSES, **values
-            )
-        if not active:
+        async with self._lock:
+            await self._flush_locked()
+            ceiling = self.ceiling
+            if ceiling - self.seq < SEQ_BLOCK // 2:
+                ceiling = self.seq + SEQ_BLOCK
+            values = {
+                "generated_code": self.code or None,
+                "stage": self.stage,
+                "progress": self.progress,
+                "last_seq": self.seq,
+                "seq_ceiling": ceiling,
+                **fields,
+            }
+            async with transaction(self.db) as session:
+                cancel = await SessionRepository(session).update_run(
+                    self.session_id, self.attempt, **values
+                )
+            if cancel is None:
+                raise SessionEnded(self.session_id)
+            self.ceiling = ceiling
+        if cancel:
+            raise CancelRequested(self.session_id)
+
+    async def still_held(self) -> None:
+        """Raise SessionEnded when a later run took the session or it ended, CancelRequested
+        when a cancel was asked (e.g. before an upstream call)."""
+        async with self.db() as session:
+            row = await SessionRepository(session).get(self.session_id)
+        if row is None or row.attempt != self.attempt or row.status.is_terminal:
             raise SessionEnded(self.session_id)
+        if row.cancel_requested:
+            raise CancelRequested(self.session_id)
+
+    async def suspend(self) -> None:
+        """A shutdown leaves the session to be resumed: store exactly what was published, so
+        the resumed run continues right after it."""
+        await self._stop_flusher()
+        async with self._lock:
+            await self._flush_locked()
+            async with transaction(self.db) as session:
+                await SessionRepository(session).update_run(
+                    self.session_id,
+                    self.attempt,
+                    generated_code=self.code or None,
+                    stage=self.stage,
+                    progress=self.progress,
+                    last_seq=self.seq,
+                    seq_ceiling=self.seq,
+                )
 
     async def _finish(
         self, kind: EventKind, status: SessionStatus, payload: str | None, **fields: Any
@@ -193,24 +414,31 @@ class SessionRecorder:
     async def _finish_now(
         self, kind: EventKind, status: SessionStatus, payload: str | None, **fields: Any
     ) -> bool:
-        seq = self.seq + 1
-        async with transaction(self.db) as session:
-            done = await SessionRepository(session).update_if_status(
-                self.session_id,
-                ACTIVE_STATUSES,
-                status=status,
-                stage=self.stage,
-                progress=self.progress,
-                last_seq=seq,
-                completed_at=utcnow(),
-                **fields,
-            )
-        if not done:
-            return False
-        self.seq = seq
-        self.status = status
-        await self._publish(kind, seq=seq, payload=payload)
-        return True
+        await self._stop_flusher()
+        async with self._lock:
+            with contextlib.suppress(SessionEnded):
+                await self._flush_locked()
+            seq = self.seq + 1
+            async with transaction(self.db) as session:
+                done = await SessionRepository(session).update_run(
+                    self.session_id,
+                    self.attempt,
+                    status=status,
+                    stage=self.stage,
+                    progress=self.progress,
+                    last_seq=seq,
+                    seq_ceiling=seq,
+                    cancel_requested=False,
+                    completed_at=utcnow(),
+                    **fields,
+                )
+            if done is None:
+                return False
+            self.seq = seq
+            self.ceiling = seq
+            self.status = status
+            await self._send(self._event(kind, seq, None, payload), terminal=True)
+            return True
 
     async def complete(self, **fields: Any) -> bool:
         self.progress = 1.0
@@ -240,20 +468,14 @@ class SessionRecorder:
         )
 
 
-async def cancel_idle_session(db: Database, bus: EventBus, session_id: uuid.UUID) -> bool:
-    """End a session that no job is running (queued or orphaned) as CANCELLED."""
-    async with db() as session:
-        row = await SessionRepository(session).get(session_id)
-    if row is None or row.status.is_terminal:
-        return False
-    recorder = SessionRecorder(
-        db,
-        bus,
-        session_id,
-        seq=max(row.last_seq, await bus.last_seq(session_id)),
-        status=row.status,
+def cancelled_event(row: VideoSession) -> SessionEvent:
+    """The CANCELLED event of a session ended by `SessionRepository.cancel_unheld`."""
+    return SessionEvent(
+        session_id=row.id,
+        seq=row.last_seq,
+        kind=EventKind.CANCELLED,
+        at=row.completed_at or utcnow(),
+        status=SessionStatus.CANCELLED,
         stage=row.stage,
         progress=row.progress,
     )
-    recorder.code = row.generated_code or ""
-    return await recorder.cancelled()

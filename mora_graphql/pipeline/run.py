@@ -23,7 +23,12 @@ from mora_graphql.pipeline.context import (
     PipelineDeps,
     RunContext,
 )
-from mora_graphql.pipeline.recorder import SessionEnded, SessionRecorder
+from mora_graphql.pipeline.recorder import (
+    CancelRequested,
+    Pacing,
+    SessionEnded,
+    SessionRecorder,
+)
 from mora_graphql.pipeline.sharing import cached_or_follow, complete_from, keep_lease
 from mora_graphql.pipeline.stages.code import generate_code
 from mora_graphql.pipeline.stages.subtitles import fetch_transcript
@@ -59,13 +64,12 @@ class PipelineRunner:
         """The job body. `stopping()` tells a shutdown (leave the session to be resumed)
         from a user cancel."""
         deps = self.deps
+        pacing = Pacing(
+            checkpoint_interval=deps.settings.checkpoint_interval,
+            flush_interval=deps.settings.delta_flush_interval,
+        )
         starting = asyncio.ensure_future(
-            SessionRecorder.begin(
-                deps.db,
-                deps.bus,
-                session_id,
-                checkpoint_interval=deps.settings.checkpoint_interval,
-            )
+            SessionRecorder.begin(deps.db, deps.bus, session_id, pacing=pacing)
         )
         try:
             recorder = await asyncio.shield(starting)
@@ -82,10 +86,16 @@ class PipelineRunner:
         try:
             await self._run(recorder, usage)
         except SessionEnded:
-            log.info("session ended elsewhere; stopping its run")
+            log.info("session ended elsewhere or taken over; stopping this run")
+        except CancelRequested:
+            log.info("session cancelled")
+            await recorder.cancelled(usage=usage_json(usage))
         except asyncio.CancelledError:
             if stopping is None or not stopping():
                 await asyncio.shield(recorder.cancelled(usage=usage_json(usage)))
+            else:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(recorder.suspend())
             raise
         except (PipelineError, LLMError) as exc:
             log.info("session failed", code=exc.code.name, error=exc.message)
@@ -113,6 +123,7 @@ class PipelineRunner:
                 usage=usage_json(usage),
             )
         finally:
+            await asyncio.shield(recorder.close())
             structlog.contextvars.unbind_contextvars("session_id")
 
     async def _run(self, recorder: SessionRecorder, usage: Usage) -> None:

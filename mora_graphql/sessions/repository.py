@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, or_, select, text, update
+from sqlalchemy import and_, bindparam, case, delete, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
 
@@ -23,6 +23,7 @@ RUN_RESET: dict[str, Any] = {
     "error_code": None,
     "error_message": None,
     "completed_at": None,
+    "cancel_requested": False,
 }
 """What a new run of a session starts without."""
 
@@ -111,6 +112,52 @@ class SessionRepository:
     ) -> bool:
         """Clear the outputs of the previous run (while in `statuses`) and set `values`."""
         return await self.update_if_status(session_id, statuses, **{**RUN_RESET, **values})
+
+    async def update_run(self, session_id: uuid.UUID, attempt: int, **values: Any) -> bool | None:
+        """A write of the run `attempt` (fenced: only while that run holds the active
+        session). None when it does not hold it any more, else whether a cancel was asked."""
+        values.setdefault("updated_at", utcnow())
+        result = await self.session.execute(
+            update(VideoSession)
+            .where(VideoSession.id == session_id)
+            .where(VideoSession.attempt == attempt)
+            .where(VideoSession.status.in_(ACTIVE_STATUSES))
+            .values(**values)
+            .returning(VideoSession.cancel_requested)
+        )
+        found = result.scalar_one_or_none()
+        return None if found is None else bool(found)
+
+    async def request_cancel(self, session_id: uuid.UUID) -> bool:
+        """Ask the run holding the session to cancel it; False when it is not active."""
+        return await self.update_if_status(session_id, ACTIVE_STATUSES, cancel_requested=True)
+
+    async def cancel_unheld(self, session_id: uuid.UUID, seen_attempt: int) -> bool:
+        """End a session no run holds as CANCELLED: one conditional write that takes the seq
+        after everything ever reserved and raises the fence past any earlier run. False when
+        the session ended meanwhile or a run started since `seen_attempt` was read."""
+        ceiling = case(
+            (VideoSession.seq_ceiling > VideoSession.last_seq, VideoSession.seq_ceiling),
+            else_=VideoSession.last_seq,
+        )
+        now = utcnow()
+        result = await self.session.execute(
+            update(VideoSession)
+            .where(VideoSession.id == session_id)
+            .where(VideoSession.attempt == seen_attempt)
+            .where(VideoSession.status.in_(ACTIVE_STATUSES))
+            .values(
+                status=SessionStatus.CANCELLED,
+                last_seq=ceiling + 1,
+                seq_ceiling=ceiling + 1,
+                attempt=VideoSession.attempt + 1,
+                cancel_requested=False,
+                completed_at=now,
+                updated_at=now,
+            )
+            .returning(VideoSession.last_seq)
+        )
+        return result.scalar_one_or_none() is not None
 
     async def status_of(self, session_id: uuid.UUID) -> SessionStatus | None:
         result = await self.session.scalar(

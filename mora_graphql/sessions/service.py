@@ -12,23 +12,26 @@ from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from functools import partial
 
+import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mora_graphql.auth.tokens import Principal
 from mora_graphql.db import Database, after_commit
 from mora_graphql.errors import BadUserInput, Conflict, NotFound
-from mora_graphql.events.bus import EventBus
+from mora_graphql.events.bus import EventBus, Published
 from mora_graphql.events.stream import Snapshot, follow_session
 from mora_graphql.events.types import SessionEvent
 from mora_graphql.jobs.base import JobQueue
 from mora_graphql.languages import SUPPORTED_LANGUAGES, normalize_language
 from mora_graphql.models import RETRYABLE_STATUSES, SessionStatus, VideoSession
-from mora_graphql.pipeline.recorder import cancel_idle_session
+from mora_graphql.pipeline.recorder import cancelled_event
 from mora_graphql.sessions.repository import SessionRepository
 from mora_graphql.subtitle_formats import parse_subtitles
 from mora_graphql.video_urls import parse_video_url
 
 MAX_PAGE = 100
+
+log = structlog.get_logger("mora.sessions")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,26 @@ class SessionDeps:
     bus: EventBus
     max_video_url_length: int
     max_subtitles_bytes: int
+
+
+async def announce(bus: EventBus, event: SessionEvent, attempt: int) -> None:
+    """Publish an event after its write committed. The row is the truth: when the bus is
+    unreachable the failure is logged and subscribers recover from the row."""
+    try:
+        outcome = await bus.publish(event, attempt=attempt)
+    except Exception as exc:
+        log.warning("event not published", seq=event.seq, error=type(exc).__name__)
+        return
+    if outcome is not Published.OK:
+        log.warning("event not published", seq=event.seq, outcome=outcome.value)
+
+
+async def fence_out(bus: EventBus, session_id: uuid.UUID, attempt: int) -> None:
+    """Refuse every later publish of runs before `attempt` (e.g. of a deleted session)."""
+    try:
+        await bus.fence(session_id, attempt)
+    except Exception as exc:
+        log.warning("fence not raised", error=type(exc).__name__)
 
 
 def parse_id(value: str) -> uuid.UUID | None:
@@ -139,16 +162,30 @@ class SessionService:
         return rows[:first], len(rows) > first
 
     async def cancel(self, session: AsyncSession, session_id: str) -> VideoSession:
-        """A running job is stopped and ends the session itself; a session no job runs is
-        ended by the job side's one conditional terminal write (with its event)."""
+        """Only the run holding a session writes its events. A running job is asked to stop
+        (the queue's abort, plus `cancel_requested` for its next checkpoint) and ends the
+        session itself; a session no run holds is ended here by one conditional write in
+        this request's transaction, its event published once that has committed."""
         row = await self.require(session, session_id)
         if row.status is SessionStatus.CANCELLED:
             return row
         if row.status.is_terminal:
             raise Conflict(f"The session has already ended ({row.status.value}).")
-        stopped = await self.deps.queue.cancel(row.id)
-        if not stopped:
-            await cancel_idle_session(self.deps.db, self.deps.bus, row.id)
+        held = await self.deps.queue.cancel(row.id)
+        repo = SessionRepository(session)
+        current = await repo.get(row.id)
+        if current is None or current.status.is_terminal:
+            return await self.require(session, session_id)
+        if not held and await repo.cancel_unheld(row.id, current.attempt):
+            ended = await self.require(session, session_id)
+            after_commit(
+                session, partial(announce, self.deps.bus, cancelled_event(ended), ended.attempt)
+            )
+            return ended
+        # A run holds the session (or one started meanwhile): it acts on the request.
+        await repo.request_cancel(row.id)
+        if not held:
+            after_commit(session, partial(self.deps.queue.cancel, row.id))
         return await self.require(session, session_id)
 
     async def retry(self, session: AsyncSession, session_id: str) -> VideoSession:
@@ -174,6 +211,8 @@ class SessionService:
         row = await self.require(session, session_id)
         if not row.status.is_terminal:
             await self.deps.queue.cancel(row.id)
+            # A run still holding it stops at its next publish (or write, the row gone).
+            after_commit(session, partial(fence_out, self.deps.bus, row.id, row.attempt + 1))
         return await SessionRepository(session).delete(row.id)
 
     def follow(

@@ -11,12 +11,12 @@ import pytest
 from redis.asyncio import Redis
 
 from mora_graphql.db import Database, create_engine, create_sessionmaker, transaction
-from mora_graphql.events.bus import EventBus, MemoryEventBus
+from mora_graphql.events.bus import EventBus, MemoryEventBus, Published
 from mora_graphql.events.redis_bus import RedisEventBus
 from mora_graphql.events.stream import Snapshot, follow_session
 from mora_graphql.events.types import EventKind, SessionEvent
 from mora_graphql.models import Platform, SessionStatus, User, VideoSession
-from mora_graphql.pipeline.recorder import SessionRecorder
+from mora_graphql.pipeline.recorder import Pacing, SessionRecorder
 from mora_graphql.sessions.repository import SessionRepository
 from tests.conftest import make_settings
 
@@ -71,7 +71,9 @@ async def buses(
 async def produce(
     db: Database, bus: EventBus, session_id: uuid.UUID, deltas: int, pause: float
 ) -> str:
-    recorder = await SessionRecorder.begin(db, bus, session_id, checkpoint_interval=0.01)
+    # No flush window: one event per delta, to exercise the buses with many events.
+    pacing = Pacing(checkpoint_interval=0.01, flush_interval=0)
+    recorder = await SessionRecorder.begin(db, bus, session_id, pacing=pacing)
     assert recorder is not None
     for index in range(deltas):
         await recorder.code_delta(f"line {index}\n")
@@ -198,7 +200,7 @@ async def test_duplicate_sequence_numbers_are_dropped(
     await produce(db, publisher, session_id, deltas=3, pause=0)
     before = await publisher.replay(session_id, 0)
     assert before is not None
-    await publisher.publish(before[1])
+    assert await publisher.publish(before[1], attempt=1) is Published.DUPLICATE
     after = await publisher.replay(session_id, 0)
     assert after == before
 

@@ -213,7 +213,8 @@ async def test_live_session_end_to_end(
 
 
 async def test_subscriber_sees_deltas_live(live: LiveServer, openai_server: FakeOpenAI) -> None:
-    openai_server.enqueue(code_stream(delay=0.03), JSON(json.dumps(TIMELINE)))
+    # Chunks further apart than the flush window: each is its own delta event.
+    openai_server.enqueue(code_stream(delay=0.08), JSON(json.dumps(TIMELINE)))
     token = await live.register()
     session_id = await start(live, token, subtitles=SRT)
     events = await asyncio.wait_for(

@@ -1,0 +1,234 @@
+"""The one writer of a session: coalesced deltas, fenced runs, a durable seq ceiling.
+
+Real SQLite/PostgreSQL and both buses (memory, Redis); nothing is mocked."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from mora_graphql.db import Database, create_engine, create_sessionmaker, transaction
+from mora_graphql.events.bus import EventBus, MemoryEventBus, Published
+from mora_graphql.events.redis_bus import RedisEventBus
+from mora_graphql.events.types import EventKind, SessionEvent
+from mora_graphql.models import Platform, SessionStatus, User, VideoSession
+from mora_graphql.pipeline.recorder import Pacing, SessionEnded, SessionRecorder
+from mora_graphql.sessions.repository import SessionRepository
+from tests.conftest import make_settings
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    engine = create_engine(make_settings(database_url))
+    yield create_sessionmaker(engine)
+    await engine.dispose()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def bus(request: pytest.FixtureRequest) -> AsyncIterator[EventBus]:
+    if request.param == "memory":
+        memory = MemoryEventBus()
+        yield memory
+        await memory.close()
+        return
+    client = Redis.from_url(request.getfixturevalue("redis_url"))
+    redis_bus = RedisEventBus(client)
+    yield redis_bus
+    await redis_bus.close()
+    await client.aclose()
+
+
+async def new_session(db: Database) -> uuid.UUID:
+    async with transaction(db) as session:
+        user = User(email=f"{uuid.uuid4().hex}@example.com", password_hash="x")
+        session.add(user)
+        await session.flush()
+        row = VideoSession(
+            owner_id=user.id,
+            video_url="https://www.youtube.com/watch?v=dQw4w9WgXcQ",
+            platform=Platform.YOUTUBE,
+            video_id="youtube:dQw4w9WgXcQ",
+            language="python",
+        )
+        session.add(row)
+        await session.flush()
+        return row.id
+
+
+async def row_of(db: Database, session_id: uuid.UUID) -> VideoSession:
+    async with db() as session:
+        row = await SessionRepository(session).get(session_id)
+    assert row is not None
+    return row
+
+
+async def events_of(bus: EventBus, session_id: uuid.UUID) -> list[SessionEvent]:
+    events = await bus.replay(session_id, 0)
+    assert events is not None
+    return events
+
+
+def rebuilt(events: list[SessionEvent]) -> str:
+    code = ""
+    for event in events:
+        if event.kind is EventKind.CODE_RESET:
+            code = ""
+        elif event.kind is EventKind.CODE_DELTA:
+            code += event.text or ""
+    return code
+
+
+async def begin(
+    db: Database, bus: EventBus, session_id: uuid.UUID, **pacing: Any
+) -> SessionRecorder:
+    recorder = await SessionRecorder.begin(db, bus, session_id, pacing=Pacing(**pacing))
+    assert recorder is not None
+    return recorder
+
+
+# Batching
+
+
+async def test_dense_tokens_are_coalesced_and_concatenate_to_the_stored_code(
+    db: Database, bus: EventBus
+) -> None:
+    session_id = await new_session(db)
+    recorder = await begin(db, bus, session_id, checkpoint_interval=0.05, flush_interval=0.03)
+    tokens = [f"tok{index} " for index in range(2_000)]
+    for index, token in enumerate(tokens):
+        if index % 500 == 0:
+            await recorder.thought(f"thinking {index}. ")
+        await recorder.code_delta(token)
+        if index % 50 == 0:
+            await asyncio.sleep(0.001)
+    assert await recorder.complete()
+    events = await events_of(bus, session_id)
+    deltas = [e for e in events if e.kind is EventKind.CODE_DELTA]
+    assert len(deltas) < len(tokens) / 20, len(deltas)
+    assert rebuilt(events) == "".join(tokens) == (await row_of(db, session_id)).generated_code
+    thoughts = "".join(e.text or "" for e in events if e.kind is EventKind.THOUGHT_DELTA)
+    assert thoughts == "".join(f"thinking {index}. " for index in range(0, 2_000, 500))
+    # Order kept: each thought comes right before the code that followed it.
+    kinds = [e.kind for e in events if e.kind in {EventKind.CODE_DELTA, EventKind.THOUGHT_DELTA}]
+    assert kinds[0] is EventKind.THOUGHT_DELTA
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+
+
+async def test_sparse_tokens_are_not_delayed_beyond_one_window(db: Database) -> None:
+    bus = MemoryEventBus()
+    session_id = await new_session(db)
+    window = 0.05
+    recorder = await begin(db, bus, session_id, checkpoint_interval=10, flush_interval=window)
+    async with bus.subscribe(session_id) as subscriber:
+        delays = []
+        for index in range(5):
+            sent = time.monotonic()
+            await recorder.code_delta(f"a{index}")
+            # A token right after a flush waits for the window's end, no longer.
+            await recorder.code_delta(f"b{index}")
+            first = await subscriber.get(1)
+            second = await subscriber.get(1)
+            assert first is not None and second is not None
+            assert (first.text, second.text) == (f"a{index}", f"b{index}")
+            delays.append(time.monotonic() - sent)
+            await asyncio.sleep(window * 2)
+        assert max(delays) < window + 0.2, delays
+        # The first token after a quiet spell is published at once, within the call.
+        await recorder.code_delta("c")
+        event = await subscriber.get(0)
+        assert event is not None and event.text == "c"
+    assert await recorder.complete()
+    assert (
+        rebuilt(await events_of(bus, session_id)) == (await row_of(db, session_id)).generated_code
+    )
+
+
+async def test_size_bound_flushes_at_once(db: Database) -> None:
+    bus = MemoryEventBus()
+    session_id = await new_session(db)
+    recorder = await begin(db, bus, session_id, flush_interval=60, flush_chars=100)
+    await recorder.code_delta("x")  # quiet before: published at once
+    for _ in range(10):
+        await recorder.code_delta("y" * 30)
+    events = await events_of(bus, session_id)
+    assert [len(e.text or "") for e in events if e.kind is EventKind.CODE_DELTA] == [1, 120, 120]
+    assert await recorder.complete()
+    assert rebuilt(await events_of(bus, session_id)) == "x" + "y" * 300
+
+
+async def test_checkpoint_stores_exactly_what_was_published(db: Database) -> None:
+    """A snapshot (stored code at last_seq) plus the later deltas rebuild the code."""
+    bus = MemoryEventBus()
+    session_id = await new_session(db)
+    recorder = await begin(db, bus, session_id, checkpoint_interval=0, flush_interval=60)
+    await recorder.code_delta("a")
+    await recorder.code_delta("b")
+    row = await row_of(db, session_id)
+    after = [e for e in await events_of(bus, session_id) if e.seq > row.last_seq]
+    assert (row.generated_code or "") + rebuilt(after) == "ab"
+    assert await recorder.complete()
+
+
+# Fencing
+
+
+async def test_a_stale_run_writes_and_publishes_nothing(db: Database, bus: EventBus) -> None:
+    """A run that lost its session (a paused worker whose job was taken over) is refused
+    by the row and by the bus; the run that took over continues the sequence."""
+    session_id = await new_session(db)
+    stale = await begin(db, bus, session_id, checkpoint_interval=0, flush_interval=0)
+    await stale.code_delta("old ")
+    taken = await begin(db, bus, session_id, checkpoint_interval=0, flush_interval=0)
+    assert taken.attempt == stale.attempt + 1
+    before = await events_of(bus, session_id)
+    with pytest.raises(SessionEnded):
+        await stale.code_delta("stale")
+    assert not await stale.complete()
+    assert not await stale.cancelled()
+    # Nothing of the stale run reached the bus or the row, even at a seq never used.
+    stale_event = SessionEvent(
+        session_id=session_id,
+        seq=taken.seq + 50,
+        kind=EventKind.CODE_DELTA,
+        at=before[-1].at,
+        status=SessionStatus.PROCESSING,
+        stage=None,
+        progress=0.0,
+        text="stale",
+    )
+    assert await bus.publish(stale_event, attempt=stale.attempt) is Published.FENCED
+    assert await events_of(bus, session_id) == before
+    await taken.code_delta("new")
+    assert await taken.complete()
+    events = await events_of(bus, session_id)
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert rebuilt(events) == "new"
+    row = await row_of(db, session_id)
+    assert (row.status, row.generated_code, row.last_seq) == (
+        SessionStatus.COMPLETED,
+        "new",
+        events[-1].seq,
+    )
+    assert [e.kind for e in events].count(EventKind.COMPLETED) == 1
+
+
+async def test_a_resumed_run_starts_above_the_ceiling_when_the_bus_forgot(db: Database) -> None:
+    """An embedded restart loses the memory bus: the row's last_seq lags what was published,
+    the durable ceiling does not."""
+    first_bus = MemoryEventBus()
+    session_id = await new_session(db)
+    crashed = await begin(db, first_bus, session_id, checkpoint_interval=3600, flush_interval=0)
+    for index in range(40):
+        await crashed.code_delta(f"{index} ")
+    published = (await events_of(first_bus, session_id))[-1].seq
+    assert (await row_of(db, session_id)).last_seq < published
+    second_bus = MemoryEventBus()
+    resumed = await begin(db, second_bus, session_id)
+    assert resumed.seq > published
+    assert resumed.seq < published + 1_000
