@@ -128,7 +128,7 @@ class LimitedWebSocketAdapter(ASGIWebSocketAdapter):
     async def close(self, code: int, reason: str) -> None:
         """Close once; the reason is cut to the 123 bytes a close frame can carry."""
         if self.ws.application_state != WebSocketState.DISCONNECTED:
-            reason = reason.encode()[:MAX_CLOSE_REASON].decode(errors="ignore")
+            reason = reason.encode(errors="replace")[:MAX_CLOSE_REASON].decode(errors="ignore")
             with suppress(RuntimeError, WebSocketDisconnect):
                 await self.ws.close(code=code, reason=reason)
 
