@@ -6,11 +6,13 @@ owns the transaction (`db.transaction`), and jobs are queued only once it has co
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -29,6 +31,11 @@ from mora_graphql.subtitle_formats import parse_subtitles
 from mora_graphql.video_urls import parse_video_url
 
 MAX_PAGE = 100
+THREAD_PARSE_CHARS = 64 * 1024
+"""Subtitles longer than this are parsed in a worker thread (2 MB take about 0.4 s)."""
+
+Admit = Callable[[], Awaitable[None]]
+"""Called once a run is about to start (after validation): the per-user run budget."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,10 @@ class SessionDeps:
     bus: EventBus
     max_video_url_length: int
     max_subtitles_bytes: int
+
+
+def _subtitle_lines(text: str) -> list[dict[str, Any]]:
+    return [line.as_json() for line in parse_subtitles(text)]
 
 
 def parse_id(value: str) -> uuid.UUID | None:
@@ -66,7 +77,10 @@ class SessionService:
         language: str,
         subtitles: str | None,
         force_refresh: bool,
+        admit: Admit | None = None,
     ) -> VideoSession:
+        """Validate, then `admit` the run (rate limit), then insert the row; the job is queued
+        once the caller's transaction commits."""
         deps = self.deps
         video = parse_video_url(video_url, max_length=deps.max_video_url_length)
         lang = normalize_language(language)
@@ -83,7 +97,12 @@ class SessionService:
                     f"subtitles are larger than {deps.max_subtitles_bytes} bytes.",
                     extensions={"field": "subtitles"},
                 )
-            lines = [line.as_json() for line in parse_subtitles(subtitles)]
+            if len(subtitles) > THREAD_PARSE_CHARS:
+                lines = await asyncio.to_thread(_subtitle_lines, subtitles)
+            else:
+                lines = _subtitle_lines(subtitles)
+        if admit is not None:
+            await admit()
         row = await SessionRepository(session).add(
             VideoSession(
                 owner_id=self.principal.user_id,
@@ -151,13 +170,17 @@ class SessionService:
             await cancel_idle_session(self.deps.db, self.deps.bus, row.id)
         return await self.require(session, session_id)
 
-    async def retry(self, session: AsyncSession, session_id: str) -> VideoSession:
+    async def retry(
+        self, session: AsyncSession, session_id: str, admit: Admit | None = None
+    ) -> VideoSession:
         row = await self.require(session, session_id)
         if row.status not in RETRYABLE_STATUSES:
             raise Conflict(
                 "Only sessions in ERROR or CANCELLED can be retried "
                 f"(this one is {row.status.value})."
             )
+        if admit is not None:
+            await admit()
         moved = await SessionRepository(session).reset_run(
             row.id,
             RETRYABLE_STATUSES,
