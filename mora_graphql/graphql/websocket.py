@@ -6,8 +6,8 @@
 - At most `max_subscriptions_per_connection` operations run at once; more get a
   RATE_LIMITED error and the connection stays open.
 - When the access token of the connection expires, every running operation receives an
-  UNAUTHENTICATED error (then `complete` on the legacy protocol) and the socket closes with 4401: the client refreshes its token and
-  reconnects, resuming subscriptions with `afterSeq`.
+  UNAUTHENTICATED error (then `complete` on the legacy protocol) and the socket closes with
+  4401: the client refreshes its token and reconnects, resuming subscriptions with `afterSeq`.
 """
 
 from __future__ import annotations

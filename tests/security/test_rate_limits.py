@@ -88,10 +88,10 @@ async def test_only_runs_that_start_use_up_the_run_budget(
     )
     processing = await insert_session(live, accounts.alice, SessionStatus.PROCESSING)
     for _ in range(2):
-        assert codes(await live.gql(invalid, token=accounts.alice.token)) == ["UNSUPPORTED_PLATFORM"]
-        assert codes(await live.gql(bad_language, token=accounts.alice.token)) == [
-            "BAD_USER_INPUT"
+        assert codes(await live.gql(invalid, token=accounts.alice.token)) == [
+            "UNSUPPORTED_PLATFORM"
         ]
+        assert codes(await live.gql(bad_language, token=accounts.alice.token)) == ["BAD_USER_INPUT"]
         assert codes(await live.gql(bad_subtitles, token=accounts.alice.token)) == [
             "BAD_USER_INPUT"
         ]
