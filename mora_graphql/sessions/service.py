@@ -197,6 +197,7 @@ class SessionService:
         row = await self.require(session, session_id)
         if not row.status.is_terminal:
             await self.deps.queue.cancel(row.id)
+        after_commit(session, partial(self.deps.bus.forget, row.id))
         return await SessionRepository(session).delete(row.id)
 
     def follow(
