@@ -42,13 +42,17 @@ def _bad_value(value: object, depth: int = 0) -> bool:
     return False
 
 
-def unusable_text(operation_name: object, variables: object) -> MoraError | None:
-    """The error for a request whose operation name or variables are not valid Unicode."""
-    if isinstance(operation_name, str) and has_lone_surrogate(operation_name):
-        return BadRequest(
-            "operationName is not valid Unicode text (it contains a lone UTF-16 surrogate).",
-            extensions={"field": "operationName"},
-        )
+def unusable_text(
+    operation_name: object, variables: object, extensions: object = None
+) -> MoraError | None:
+    """The error for a request whose operation name, variables or extensions are not valid
+    Unicode."""
+    for field, value in (("operationName", operation_name), ("extensions", extensions)):
+        if _bad_value(value):
+            return BadRequest(
+                f"{field} is not valid Unicode text (it contains a lone UTF-16 surrogate).",
+                extensions={"field": field},
+            )
     if isinstance(variables, Mapping):
         for name, value in variables.items():
             if _bad_value(value) or (isinstance(name, str) and has_lone_surrogate(name)):

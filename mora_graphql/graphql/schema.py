@@ -110,7 +110,7 @@ class MoraSchema(strawberry.Schema):
     ) -> ExecutionResult:
         """Refuses text that is not Unicode, and a subscription sent as a plain request (it
         would run as a query and resolve to null)."""
-        if error := unusable_text(operation_name, variable_values):
+        if error := unusable_text(operation_name, variable_values, operation_extensions):
             return ExecutionResult(data=None, errors=_refusal(context_value, error))
         allowed = set(allowed_operation_types or DEFAULT_ALLOWED_OPERATION_TYPES)
         try:
@@ -142,7 +142,7 @@ class MoraSchema(strawberry.Schema):
         operation_extensions: dict[str, Any] | None = None,
         allowed_operation_types: Iterable[OperationType] | None = None,
     ) -> StreamResult:
-        if error := unusable_text(operation_name, variable_values):
+        if error := unusable_text(operation_name, variable_values, operation_extensions):
             return _refused_stream(_refusal(context_value, error))
         return await super().stream(
             query,
