@@ -85,6 +85,7 @@ class Settings(BaseSettings):
     rate_limit_enabled: bool = True
     rate_limit_storage_url: str | None = None
     rate_limit_key_prefix: str = "mora"
+    rate_limit_max_keys: int = 100_000
     rate_limit_per_ip: str = "600/minute"
     login_rate_limit_per_ip: str = "30/minute"
     login_rate_limit_per_account: str = "10/15 minutes"
@@ -114,6 +115,8 @@ class Settings(BaseSettings):
     delta_flush_interval: float = Field(default=0.03, ge=0.0, le=5.0)
     cancel_wait: float = Field(default=5.0, ge=0.0)
     event_retention: int = 10_000
+    event_bus_max_sessions: int = 1_000
+    event_idle_ttl: int = 3_600
     subscriber_buffer: int = 1_000
 
     @field_validator("cors_origins", mode="before")

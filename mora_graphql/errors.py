@@ -20,6 +20,7 @@ class ErrorCode(Enum):
     DATABASE_ERROR = 3002
     CACHE_ERROR = 3003
     BAD_USER_INPUT = 4000
+    BAD_REQUEST = 4002
     UNAUTHENTICATED = 4001
     FORBIDDEN = 4003
     NOT_FOUND = 4004
@@ -53,6 +54,7 @@ MESSAGES: dict[ErrorCode, tuple[str, str]] = {
     ErrorCode.DATABASE_ERROR: ("A database operation failed.", "数据库操作失败"),
     ErrorCode.CACHE_ERROR: ("A cache operation failed.", "缓存操作失败"),
     ErrorCode.BAD_USER_INPUT: ("The input is not valid.", "输入无效"),
+    ErrorCode.BAD_REQUEST: ("The request cannot be served as sent.", "请求无法按原样处理"),
     ErrorCode.UNAUTHENTICATED: ("Authentication is required.", "需要登录"),
     ErrorCode.FORBIDDEN: ("You are not allowed to do this.", "没有权限"),
     ErrorCode.NOT_FOUND: ("Not found.", "未找到"),
@@ -92,6 +94,12 @@ class MoraError(Exception):
 
 class BadUserInput(MoraError):
     code = ErrorCode.BAD_USER_INPUT
+
+
+class BadRequest(MoraError):
+    """The request as a whole is unusable (not one argument): wrong transport, bad text."""
+
+    code = ErrorCode.BAD_REQUEST
 
 
 class InvalidVideoUrl(MoraError):

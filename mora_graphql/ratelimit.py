@@ -20,6 +20,7 @@ from typing import Any
 
 import structlog
 from limits import RateLimitItem, parse
+from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
 from redis.asyncio import Redis
@@ -49,11 +50,40 @@ def parse_limit(value: str) -> RateLimitItem:
     return parse(value)
 
 
+class BoundedMemoryStorage(MemoryStorage):
+    """The in-process moving-window storage with at most `max_keys` windows: a flood of
+    distinct clients (IPv6 addresses, e-mails) cannot grow it without bound. The least
+    recently used window is dropped first (that client starts a fresh window)."""
+
+    STORAGE_SCHEME = ["async+bounded-memory"]  # noqa: RUF012 - as the base class declares it
+
+    def __init__(self, max_keys: int) -> None:
+        super().__init__(wrap_exceptions=True)
+        self.max_keys = max_keys
+
+    async def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        events = self.events
+        if key in events:
+            events[key] = events.pop(key)  # most recently used last
+        else:
+            while len(events) >= self.max_keys:
+                oldest = next(iter(events))
+                events.pop(oldest, None)
+                self.locks.pop(oldest, None)
+        return await super().acquire_entry(key, limit, expiry, amount)
+
+    @property
+    def size(self) -> int:
+        return len(self.events)
+
+
 def _async_uri(uri: str) -> str:
     return uri if uri.startswith("async+") else f"async+{uri}"
 
 
-def _storage(uri: str) -> Any:
+def _storage(uri: str, max_keys: int) -> Any:
+    if uri.startswith("async+memory"):
+        return BoundedMemoryStorage(max_keys)
     options: dict[str, Any] = {"wrap_exceptions": True}
     if "redis" in uri.split("://", 1)[0]:
         options |= {
@@ -70,10 +100,12 @@ class RateLimiter:
         self.prefix = settings.rate_limit_key_prefix
         self.uri = _async_uri(settings.rate_limit_storage)
         self.shared = not self.uri.startswith("async+memory")
-        self._storage = _storage(self.uri)
+        self._storage = _storage(self.uri, settings.rate_limit_max_keys)
         self._primary = MovingWindowRateLimiter(self._storage)
         self._local = (
-            MovingWindowRateLimiter(_storage("async+memory://")) if self.shared else self._primary
+            MovingWindowRateLimiter(_storage("async+memory://", settings.rate_limit_max_keys))
+            if self.shared
+            else self._primary
         )
         self._outage_until = 0.0
         self.max_subscriptions_per_user = settings.max_subscriptions_per_user

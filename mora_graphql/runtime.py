@@ -107,7 +107,12 @@ async def build_runtime(settings: Settings, *, role: Role = "api") -> Runtime:
         )
         cache = RedisCache(redis)
     else:
-        bus = MemoryEventBus(retention=settings.event_retention, buffer=settings.subscriber_buffer)
+        bus = MemoryEventBus(
+            retention=settings.event_retention,
+            buffer=settings.subscriber_buffer,
+            idle_ttl=settings.event_idle_ttl,
+            max_sessions=settings.event_bus_max_sessions,
+        )
         cache = MemoryCache()
     llm = LLMClient(settings)
     subtitles = SubtitleSources(settings, http)

@@ -62,7 +62,9 @@ def parse_subtitles(text: str, *, max_lines: int = 20000) -> list[SubtitleLine]:
 
     Raises BadUserInput naming the offending line when the text is not usable.
     """
-    lines = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    # NUL is dropped: PostgreSQL cannot store it in text or JSON.
+    text = text.removeprefix("\ufeff").replace("\x00", "")
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     first = next((i for i, line in enumerate(lines) if line.strip()), None)
     if first is None:
         raise BadUserInput("The subtitles are empty.")
@@ -252,7 +254,7 @@ def parse_track(ext: str, data: str) -> list[SubtitleLine]:
 def _ordered(items: Iterable[tuple[float, float, str]]) -> list[SubtitleLine]:
     lines = []
     for start, end, text in sorted(items, key=lambda item: item[0]):
-        clean = " ".join(_TAG.sub("", text).split())
+        clean = " ".join(_TAG.sub("", text.replace("\x00", "")).split())
         if clean and math.isfinite(start) and start >= 0:
             lines.append(SubtitleLine(start, max(end, start), clean))
     return lines

@@ -25,6 +25,7 @@ _AV_ID = re.compile(r"^av(\d{1,16})$", re.IGNORECASE)
 _NUM_ID = re.compile(r"^\d{6,25}$")
 _SHORT_CODE = re.compile(r"^[A-Za-z0-9_-]{3,32}$")
 _TIKTOK_HTML_ID = re.compile(r"^(\d{6,25})(?:\.html)?$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 _YOUTUBE_HOSTS = frozenset(
     {
@@ -211,7 +212,7 @@ def parse_video_url(raw: str, *, max_length: int = 2048) -> VideoRef:
         raise InvalidVideoUrl("videoUrl is not a valid URL.") from exc
     if parts.scheme.lower() not in {"http", "https"} or not parts.netloc:
         raise InvalidVideoUrl("videoUrl must be an http(s) link to a video.")
-    if "@" in parts.netloc or any(ch.isspace() for ch in text):
+    if "@" in parts.netloc or _CONTROL.search(text) or any(ch.isspace() for ch in text):
         raise InvalidVideoUrl("videoUrl is not a valid URL.")
     host = host_of(parts.netloc)
     query = parse_qs(parts.query)

@@ -23,7 +23,10 @@ from mora_graphql.db import utcnow
 from mora_graphql.errors import BadUserInput, Conflict, Unauthenticated
 from mora_graphql.models import Role, User
 
-_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}\.[^@\s]{2,63}$")
+# No control characters (NUL cannot be stored in PostgreSQL text) and no whitespace.
+_EMAIL = re.compile(
+    r"^[^@\s\x00-\x1f\x7f]{1,64}@[^@\s\x00-\x1f\x7f]{1,255}\.[^@\s\x00-\x1f\x7f]{2,63}$"
+)
 MIN_PASSWORD = 8
 MAX_PASSWORD = 128
 

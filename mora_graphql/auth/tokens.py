@@ -74,6 +74,8 @@ def decode_access_token(settings: Settings, token: str) -> Principal:
 
 
 def _decode(settings: Settings, token: str) -> Principal:
+    if not token.isascii():  # a JWT is ASCII; anything else may not even encode as UTF-8
+        raise Unauthenticated("The access token is invalid.")
     try:
         claims = jwt.decode(
             token,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
@@ -94,21 +94,46 @@ class EventBus(Protocol):
 
     async def last_seq(self, session_id: uuid.UUID) -> int: ...
 
+    async def forget(self, session_id: uuid.UUID) -> None:
+        """Drop the session's retained events (it was deleted)."""
+        ...
+
     async def close(self) -> None: ...
 
 
 class MemoryEventBus:
-    """Single-process bus: per-session ring buffer and in-process fan-out."""
+    """Single-process bus: per-session ring buffer and in-process fan-out.
 
-    def __init__(self, *, retention: int = 10_000, buffer: int = 1_000, ttl: float = 600) -> None:
+    Memory is bounded: a session's ring expires `ttl` seconds after its terminal event, or
+    `idle_ttl` seconds after its last event whatever it was (a deleted or abandoned run never
+    publishes a terminal one), `forget` drops it at once, and at most `max_sessions` rings are
+    kept (the least recently published one is dropped first; its subscribers then catch up
+    from a snapshot, as after any gap in retention).
+    """
+
+    def __init__(
+        self,
+        *,
+        retention: int = 10_000,
+        buffer: int = 1_000,
+        ttl: float = 600,
+        idle_ttl: float = 3_600,
+        max_sessions: int = 1_000,
+    ) -> None:
         self.retention = retention
         self.buffer = buffer
         self.ttl = ttl
-        self._events: dict[uuid.UUID, deque[SessionEvent]] = {}
+        self.idle_ttl = idle_ttl
+        self.max_sessions = max_sessions
+        self._events: OrderedDict[uuid.UUID, deque[SessionEvent]] = OrderedDict()
         self._last: dict[uuid.UUID, int] = {}
         self._subscribers: dict[uuid.UUID, set[Subscriber]] = {}
         self._expiry: dict[uuid.UUID, asyncio.TimerHandle] = {}
         self._fences: dict[uuid.UUID, int] = {}
+
+    @property
+    def retained_sessions(self) -> int:
+        return len(self._events)
 
     async def fence(self, session_id: uuid.UUID, attempt: int) -> int | None:
         before = self._fences.get(session_id, 0)
@@ -128,23 +153,34 @@ class MemoryEventBus:
             return Published.DUPLICATE
         self._last[sid] = event.seq
         EVENTS_PUBLISHED.labels(event.kind.value).inc()
-        self._events.setdefault(sid, deque(maxlen=self.retention)).append(event)
+        ring = self._events.get(sid)
+        if ring is None:
+            ring = self._events[sid] = deque(maxlen=self.retention)
+            while len(self._events) > self.max_sessions:
+                self._drop(next(iter(self._events)))
+        else:
+            self._events.move_to_end(sid)
+        ring.append(event)
         for subscriber in self._subscribers.get(sid, ()):
             subscriber.offer(event)
-        if event.is_terminal:
-            self._schedule_expiry(sid)
+        self._schedule_expiry(sid, self.ttl if event.is_terminal else self.idle_ttl)
         return Published.OK
 
-    def _schedule_expiry(self, sid: uuid.UUID) -> None:
+    def _schedule_expiry(self, sid: uuid.UUID, delay: float) -> None:
         if handle := self._expiry.pop(sid, None):
             handle.cancel()
         loop = asyncio.get_running_loop()
-        self._expiry[sid] = loop.call_later(self.ttl, self._expire, sid)
+        self._expiry[sid] = loop.call_later(delay, self._drop, sid)
 
-    def _expire(self, sid: uuid.UUID) -> None:
-        self._expiry.pop(sid, None)
+    def _drop(self, sid: uuid.UUID) -> None:
+        if handle := self._expiry.pop(sid, None):
+            handle.cancel()
         self._events.pop(sid, None)
         self._last.pop(sid, None)
+        self._fences.pop(sid, None)
+
+    async def forget(self, session_id: uuid.UUID) -> None:
+        self._drop(session_id)
 
     @asynccontextmanager
     async def _subscription(self, session_id: uuid.UUID) -> AsyncIterator[Subscriber]:

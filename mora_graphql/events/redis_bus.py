@@ -157,6 +157,12 @@ class RedisEventBus:
         entries = await self.redis.xrevrange(self._key(session_id), count=1)
         return _seq(entries[0][0]) if entries else 0
 
+    async def forget(self, session_id: uuid.UUID) -> None:
+        try:
+            await self.redis.delete(self._key(session_id))
+        except RedisError as exc:  # the stream still expires with its TTL
+            log.warning("events not dropped", error=type(exc).__name__)
+
     def subscribe(self, session_id: uuid.UUID) -> AbstractAsyncContextManager[Subscriber]:
         return self._subscription(session_id)
 

@@ -63,6 +63,11 @@ class Context:
         """The session rules acting for the signed-in caller (raises without a valid token)."""
         return SessionService(self.deps.sessions, self.require_user())
 
+    def refuse_request(self, status: int) -> None:
+        """Answer an HTTP request with `status` (the GraphQL body is sent as usual)."""
+        if self.response is not None and not isinstance(self.response, WebSocket):
+            self.response.status_code = status
+
     @property
     def client_ip(self) -> str:
         client = self.request.client

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+from functools import partial
 
 import strawberry
 
@@ -27,6 +28,7 @@ def _account_key(email: str) -> str:
 
 
 async def _limit_pipeline_runs(info: Info) -> None:
+    """Only runs that start count: invalid input and refused retries cost nothing."""
     user = info.context.require_user()
     settings = info.context.deps.settings
     await info.context.deps.limiter.hit(
@@ -86,7 +88,6 @@ class Mutation:
 
     @strawberry.mutation(description="Validate the video URL and start processing it.")
     async def create_session(self, info: Info, input: CreateSessionInput) -> Session:
-        await _limit_pipeline_runs(info)
         service = info.context.session_service()
         async with transaction(info.context.deps.db) as db:
             row = await service.create(
@@ -95,6 +96,7 @@ class Mutation:
                 language=input.language,
                 subtitles=input.subtitles,
                 force_refresh=input.force_refresh,
+                admit=partial(_limit_pipeline_runs, info),
             )
         return Session.of(row)
 
@@ -107,10 +109,9 @@ class Mutation:
 
     @strawberry.mutation(description="Run a session that ended in ERROR or CANCELLED again.")
     async def retry_session(self, info: Info, id: strawberry.ID) -> Session:
-        await _limit_pipeline_runs(info)
         service = info.context.session_service()
         async with transaction(info.context.deps.db) as db:
-            row = await service.retry(db, id)
+            row = await service.retry(db, id, admit=partial(_limit_pipeline_runs, info))
         return Session.of(row)
 
     @strawberry.mutation

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator, Iterable
+from typing import Any
+
 import strawberry
 import structlog
 from graphql import GraphQLError, GraphQLSyntaxError
@@ -9,12 +12,17 @@ from strawberry.exceptions import MissingQueryError
 from strawberry.extensions import MaskErrors, ValidationCache
 from strawberry.schema.config import StrawberryConfig
 from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOperationTypeError
-from strawberry.types import ExecutionContext
+from strawberry.schema.schema import DEFAULT_ALLOWED_OPERATION_TYPES, StreamResult
+from strawberry.types import ExecutionContext, ExecutionResult
+from strawberry.types.execution import PreExecutionError
+from strawberry.types.graphql import OperationType
 
 from mora_graphql.config import Settings
-from mora_graphql.errors import MoraError
+from mora_graphql.errors import BadRequest, MoraError
+from mora_graphql.graphql.context import Context
 from mora_graphql.graphql.events import EVENT_TYPES
 from mora_graphql.graphql.fanout import SharedEventExecutionContext
+from mora_graphql.graphql.inputs import SUBSCRIPTION_TRANSPORTS, unusable_text
 from mora_graphql.graphql.limits import (
     CACHE_SIZE,
     CachedParser,
@@ -78,7 +86,75 @@ class MaskUnexpectedErrors(MaskErrors):
         return masked
 
 
+def _refusal(context: object, error: MoraError) -> list[GraphQLError]:
+    """A request error: HTTP 400 with a GraphQL body (the context's sub-response carries
+    the status), an `error` message on a WebSocket."""
+    if isinstance(context, Context):
+        context.refuse_request(400)
+    return [GraphQLError(error.message, extensions=error.extensions, original_error=error)]
+
+
+async def _refused_stream(errors: list[GraphQLError]) -> AsyncGenerator[Any, None]:
+    yield PreExecutionError(data=None, errors=errors)
+
+
 class MoraSchema(strawberry.Schema):
+    async def execute(
+        self,
+        query: str | None,
+        variable_values: dict[str, Any] | None = None,
+        context_value: Any | None = None,
+        root_value: Any | None = None,
+        operation_name: str | None = None,
+        allowed_operation_types: Iterable[OperationType] | None = None,
+        operation_extensions: dict[str, Any] | None = None,
+    ) -> ExecutionResult:
+        """Refuses text that is not Unicode, and a subscription sent as a plain request (it
+        would run as a query and resolve to null)."""
+        if error := unusable_text(operation_name, variable_values, operation_extensions):
+            return ExecutionResult(data=None, errors=_refusal(context_value, error))
+        allowed = set(allowed_operation_types or DEFAULT_ALLOWED_OPERATION_TYPES)
+        try:
+            return await super().execute(
+                query,
+                variable_values,
+                context_value,
+                root_value,
+                operation_name,
+                allowed - {OperationType.SUBSCRIPTION},
+                operation_extensions,
+            )
+        except InvalidOperationTypeError as exc:
+            if (
+                exc.operation_type is not OperationType.SUBSCRIPTION
+                or OperationType.SUBSCRIPTION not in allowed
+            ):
+                raise
+        refused = BadRequest(SUBSCRIPTION_TRANSPORTS, extensions={"operationType": "subscription"})
+        return ExecutionResult(data=None, errors=_refusal(context_value, refused))
+
+    async def stream(
+        self,
+        query: str | None,
+        variable_values: dict[str, Any] | None = None,
+        context_value: Any | None = None,
+        root_value: Any | None = None,
+        operation_name: str | None = None,
+        operation_extensions: dict[str, Any] | None = None,
+        allowed_operation_types: Iterable[OperationType] | None = None,
+    ) -> StreamResult:
+        if error := unusable_text(operation_name, variable_values, operation_extensions):
+            return _refused_stream(_refusal(context_value, error))
+        return await super().stream(
+            query,
+            variable_values,
+            context_value,
+            root_value,
+            operation_name,
+            operation_extensions,
+            allowed_operation_types,
+        )
+
     def process_errors(
         self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
     ) -> None:

@@ -6,8 +6,8 @@
 - At most `max_subscriptions_per_connection` operations run at once; more get a
   RATE_LIMITED error and the connection stays open.
 - When the access token of the connection expires, every running operation receives an
-  UNAUTHENTICATED error and the socket closes with 4401: the client refreshes its token and
-  reconnects, resuming subscriptions with `afterSeq`.
+  UNAUTHENTICATED error (then `complete` on the legacy protocol) and the socket closes with
+  4401: the client refreshes its token and reconnects, resuming subscriptions with `afterSeq`.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ class LimitedWebSocketAdapter(ASGIWebSocketAdapter):
     async def close(self, code: int, reason: str) -> None:
         """Close once; the reason is cut to the 123 bytes a close frame can carry."""
         if self.ws.application_state != WebSocketState.DISCONNECTED:
-            reason = reason.encode()[:MAX_CLOSE_REASON].decode(errors="ignore")
+            reason = reason.encode(errors="replace")[:MAX_CLOSE_REASON].decode(errors="ignore")
             with suppress(RuntimeError, WebSocketDisconnect):
                 await self.ws.close(code=code, reason=reason)
 
@@ -223,6 +223,10 @@ class LegacyWSHandler(_ExpiryMixin, BaseGraphQLWSHandler["Context", None]):
     _id_types = frozenset({"stop"})
     _known = frozenset({"connection_init", "connection_terminate", "start", "stop"})
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ended: set[str] = set()
+
     async def handle(self) -> None:
         timeout = asyncio.create_task(self._init_timeout())
         try:
@@ -279,13 +283,19 @@ class LegacyWSHandler(_ExpiryMixin, BaseGraphQLWSHandler["Context", None]):
 
     async def _end_operations(self, error: GraphQLError) -> None:
         for operation_id in list(self.tasks):
-            await self.send_message(
-                {"type": "error", "id": operation_id, "payload": error.formatted}
-            )
+            self._ended.add(operation_id)  # its task sends nothing more (not even `complete`)
             self.subscriptions.pop(operation_id, None)
             task = self.tasks.pop(operation_id, None)
             if task is not None:
                 task.cancel()
+            await self.websocket.send_json(
+                {"type": "error", "id": operation_id, "payload": error.formatted}
+            )
+            await self.websocket.send_json({"type": "complete", "id": operation_id})
+
+    async def send_message(self, message: OperationMessage) -> None:
+        if message.get("id") not in self._ended:
+            await super().send_message(message)
 
 
 def _subscription_limit(limit: int) -> RateLimited:

@@ -6,11 +6,13 @@ owns the transaction (`db.transaction`), and jobs are queued only once it has co
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -30,6 +32,11 @@ from mora_graphql.subtitle_formats import parse_subtitles
 from mora_graphql.video_urls import parse_video_url
 
 MAX_PAGE = 100
+THREAD_PARSE_CHARS = 64 * 1024
+"""Subtitles longer than this are parsed in a worker thread (2 MB take about 0.4 s)."""
+
+Admit = Callable[[], Awaitable[None]]
+"""Called once a run is about to start (after validation): the per-user run budget."""
 
 log = structlog.get_logger("mora.sessions")
 
@@ -63,6 +70,10 @@ async def fence_out(bus: EventBus, session_id: uuid.UUID, attempt: int) -> None:
         log.warning("fence not raised", error=type(exc).__name__)
 
 
+def _subtitle_lines(text: str) -> list[dict[str, Any]]:
+    return [line.as_json() for line in parse_subtitles(text)]
+
+
 def parse_id(value: str) -> uuid.UUID | None:
     try:
         return uuid.UUID(str(value))
@@ -89,7 +100,10 @@ class SessionService:
         language: str,
         subtitles: str | None,
         force_refresh: bool,
+        admit: Admit | None = None,
     ) -> VideoSession:
+        """Validate, then `admit` the run (rate limit), then insert the row; the job is queued
+        once the caller's transaction commits."""
         deps = self.deps
         video = parse_video_url(video_url, max_length=deps.max_video_url_length)
         lang = normalize_language(language)
@@ -106,7 +120,12 @@ class SessionService:
                     f"subtitles are larger than {deps.max_subtitles_bytes} bytes.",
                     extensions={"field": "subtitles"},
                 )
-            lines = [line.as_json() for line in parse_subtitles(subtitles)]
+            if len(subtitles) > THREAD_PARSE_CHARS:
+                lines = await asyncio.to_thread(_subtitle_lines, subtitles)
+            else:
+                lines = _subtitle_lines(subtitles)
+        if admit is not None:
+            await admit()
         row = await SessionRepository(session).add(
             VideoSession(
                 owner_id=self.principal.user_id,
@@ -188,13 +207,17 @@ class SessionService:
             after_commit(session, partial(self.deps.queue.cancel, row.id))
         return await self.require(session, session_id)
 
-    async def retry(self, session: AsyncSession, session_id: str) -> VideoSession:
+    async def retry(
+        self, session: AsyncSession, session_id: str, admit: Admit | None = None
+    ) -> VideoSession:
         row = await self.require(session, session_id)
         if row.status not in RETRYABLE_STATUSES:
             raise Conflict(
                 "Only sessions in ERROR or CANCELLED can be retried "
                 f"(this one is {row.status.value})."
             )
+        if admit is not None:
+            await admit()
         moved = await SessionRepository(session).reset_run(
             row.id,
             RETRYABLE_STATUSES,
@@ -213,6 +236,7 @@ class SessionService:
             await self.deps.queue.cancel(row.id)
             # A run still holding it stops at its next publish (or write, the row gone).
             after_commit(session, partial(fence_out, self.deps.bus, row.id, row.attempt + 1))
+        after_commit(session, partial(self.deps.bus.forget, row.id))
         return await SessionRepository(session).delete(row.id)
 
     def follow(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -272,3 +273,62 @@ async def test_replay_refuses_a_seq_the_bus_never_reached(
     last = await publisher.last_seq(session_id)
     assert await publisher.replay(session_id, last) == []
     assert await publisher.replay(session_id, last + 5) is None
+
+
+def event(session_id: uuid.UUID, seq: int, kind: EventKind = EventKind.CODE_DELTA) -> SessionEvent:
+    return SessionEvent(
+        session_id=session_id,
+        seq=seq,
+        kind=kind,
+        at=dt.datetime.now(dt.UTC),
+        status=SessionStatus.PROCESSING,
+        stage=None,
+        progress=0.5,
+        text="x" * 100,
+    )
+
+
+async def test_forget_drops_a_sessions_events(
+    buses: tuple[EventBus, EventBus, list[Any]],
+) -> None:
+    publisher, subscriber, _ = buses
+    sid = uuid.uuid4()
+    for seq in range(1, 6):
+        await publisher.publish(event(sid, seq))
+    assert [e.seq for e in await subscriber.replay(sid, 0) or []] == [1, 2, 3, 4, 5]
+    await publisher.forget(sid)
+    assert await subscriber.last_seq(sid) == 0
+    assert await subscriber.replay(sid, 0) == []
+
+
+async def test_memory_bus_expires_a_session_that_never_ends() -> None:
+    """A run that stops publishing without a terminal event (deleted, abandoned) is dropped
+    after the idle TTL; a live one is kept as long as it keeps publishing."""
+    bus = MemoryEventBus(ttl=60, idle_ttl=0.2)
+    idle, live = uuid.uuid4(), uuid.uuid4()
+    await bus.publish(event(idle, 1))
+    for seq in range(1, 8):
+        await bus.publish(event(live, seq))
+        await asyncio.sleep(0.05)
+    assert await bus.last_seq(idle) == 0
+    assert await bus.replay(idle, 0) == []
+    assert await bus.last_seq(live) == 7
+    assert bus.retained_sessions == 1
+    await bus.close()
+
+
+async def test_memory_bus_keeps_at_most_max_sessions() -> None:
+    bus = MemoryEventBus(max_sessions=50)
+    first, *others = [uuid.uuid4() for _ in range(500)]
+    await bus.publish(event(first, 1))
+    for number, sid in enumerate(others):
+        for seq in range(1, 4):
+            await bus.publish(event(sid, seq))
+        if number % 10 == 0:  # the first session stays active: it is never the oldest
+            await bus.publish(event(first, number + 2))
+        assert bus.retained_sessions <= 50
+    assert bus.retained_sessions == 50
+    assert await bus.last_seq(first) > 1
+    assert await bus.last_seq(others[0]) == 0  # dropped
+    assert [e.seq for e in await bus.replay(others[-1], 0) or []] == [1, 2, 3]
+    await bus.close()

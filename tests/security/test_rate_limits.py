@@ -73,6 +73,38 @@ async def test_pipeline_runs_per_user(live: LiveServer, accounts: Accounts) -> N
     assert "errors" not in await live.gql(CREATE, token=accounts.bob.token)
 
 
+async def test_only_runs_that_start_use_up_the_run_budget(
+    live: LiveServer, accounts: Accounts
+) -> None:
+    """Invalid input and retries refused with CONFLICT cost nothing, so they count nothing."""
+    invalid = 'mutation { createSession(input: {videoUrl: "https://example.com/x"}) { id } }'
+    bad_language = (
+        'mutation { createSession(input: {videoUrl: "https://youtu.be/dQw4w9WgXcQ",'
+        ' language: "klingon"}) { id } }'
+    )
+    bad_subtitles = (
+        'mutation { createSession(input: {videoUrl: "https://youtu.be/dQw4w9WgXcQ",'
+        ' subtitles: "not subtitles"}) { id } }'
+    )
+    processing = await insert_session(live, accounts.alice, SessionStatus.PROCESSING)
+    for _ in range(2):
+        assert codes(await live.gql(invalid, token=accounts.alice.token)) == [
+            "UNSUPPORTED_PLATFORM"
+        ]
+        assert codes(await live.gql(bad_language, token=accounts.alice.token)) == ["BAD_USER_INPUT"]
+        assert codes(await live.gql(bad_subtitles, token=accounts.alice.token)) == [
+            "BAD_USER_INPUT"
+        ]
+        refused = await live.gql(RETRY, {"id": processing}, accounts.alice.token)
+        assert codes(refused) == ["CONFLICT"]
+    # The whole budget (3) is still there.
+    for _ in range(2):
+        assert "errors" not in await live.gql(CREATE, token=accounts.alice.token)
+    cancelled = await insert_session(live, accounts.alice, SessionStatus.CANCELLED)
+    assert "errors" not in await live.gql(RETRY, {"id": cancelled}, accounts.alice.token)
+    assert_limited(await live.gql(CREATE, token=accounts.alice.token), 60)
+
+
 async def test_login_per_account_and_its_reset(live: LiveServer, accounts: Accounts) -> None:
     for _ in range(3):
         wrong = await sign_in(live, accounts.alice.email, "wrong password!")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from functools import partial
 from typing import Any
 
 import structlog
@@ -34,7 +36,8 @@ async def build_timeline(run: RunContext, transcript: Transcript, code: str) -> 
         items = parse_model_timeline(str(raw))
     except LLMError as exc:
         log.warning("timeline call failed; aligning instead", error=exc.message)
-    segments, source = final_timeline(
-        items, code=code, duration=duration, transcript=transcript.lines
+    # The alignment of a long transcript takes a tenth of a second or more: not on the loop.
+    segments, source = await asyncio.to_thread(
+        partial(final_timeline, items, code=code, duration=duration, transcript=transcript.lines)
     )
     return {"segments": [segment.as_json() for segment in segments], "source": source}
