@@ -294,7 +294,7 @@ async def test_forget_drops_a_sessions_events(
     publisher, subscriber, _ = buses
     sid = uuid.uuid4()
     for seq in range(1, 6):
-        await publisher.publish(event(sid, seq))
+        await publisher.publish(event(sid, seq), attempt=1)
     assert [e.seq for e in await subscriber.replay(sid, 0) or []] == [1, 2, 3, 4, 5]
     await publisher.forget(sid)
     assert await subscriber.last_seq(sid) == 0
@@ -306,9 +306,9 @@ async def test_memory_bus_expires_a_session_that_never_ends() -> None:
     after the idle TTL; a live one is kept as long as it keeps publishing."""
     bus = MemoryEventBus(ttl=60, idle_ttl=0.2)
     idle, live = uuid.uuid4(), uuid.uuid4()
-    await bus.publish(event(idle, 1))
+    await bus.publish(event(idle, 1), attempt=1)
     for seq in range(1, 8):
-        await bus.publish(event(live, seq))
+        await bus.publish(event(live, seq), attempt=1)
         await asyncio.sleep(0.05)
     assert await bus.last_seq(idle) == 0
     assert await bus.replay(idle, 0) == []
@@ -320,12 +320,12 @@ async def test_memory_bus_expires_a_session_that_never_ends() -> None:
 async def test_memory_bus_keeps_at_most_max_sessions() -> None:
     bus = MemoryEventBus(max_sessions=50)
     first, *others = [uuid.uuid4() for _ in range(500)]
-    await bus.publish(event(first, 1))
+    await bus.publish(event(first, 1), attempt=1)
     for number, sid in enumerate(others):
         for seq in range(1, 4):
-            await bus.publish(event(sid, seq))
+            await bus.publish(event(sid, seq), attempt=1)
         if number % 10 == 0:  # the first session stays active: it is never the oldest
-            await bus.publish(event(first, number + 2))
+            await bus.publish(event(first, number + 2), attempt=1)
         assert bus.retained_sessions <= 50
     assert bus.retained_sessions == 50
     assert await bus.last_seq(first) > 1

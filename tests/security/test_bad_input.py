@@ -160,7 +160,7 @@ async def test_a_subscription_posted_as_a_plain_request_names_the_transports(
         headers={"Authorization": f"Bearer {token}"},
     )
     assert response.status_code == 400, response.text
-    assert only_code(response) == "BAD_REQUEST"
+    assert only_code(response) == "OPERATION_NOT_ALLOWED"
     message = response.json()["errors"][0]["message"]
     for transport in ("graphql-transport-ws", "graphql-ws", "multipart", "SSE"):
         assert transport in message

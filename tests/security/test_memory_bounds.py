@@ -40,7 +40,8 @@ async def test_deleting_a_running_session_frees_its_events(
                 stage=None,
                 progress=0.5,
                 text="print()\n",
-            )
+            ),
+            attempt=1,
         )
     assert await bus.last_seq(sid) == 100
     result = await live.gql(
