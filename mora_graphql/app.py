@@ -10,7 +10,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 import structlog
+from cross_web import AsyncHTTPRequestAdapter
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -22,6 +24,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
+from strawberry.http import GraphQLRequestData
+from strawberry.http.base import BaseRequestProtocol
 from strawberry.types.unset import UnsetType
 
 from mora_graphql.auth.tokens import bearer_token, decode_access_token
@@ -29,6 +33,8 @@ from mora_graphql.config import Settings, get_settings
 from mora_graphql.errors import MoraError
 from mora_graphql.graphiql import graphiql_assets, graphiql_routes
 from mora_graphql.graphql.context import Context, GraphQLDeps
+from mora_graphql.graphql.persisted import PersistedQueries, PersistedQueryError
+from mora_graphql.graphql.response_cache import ResponseCache, current_recorder
 from mora_graphql.graphql.schema import build_schema
 from mora_graphql.graphql.websocket import (
     LegacyWSHandler,
@@ -67,9 +73,49 @@ class MoraGraphQL(GraphQL[Context, None]):
     def decode_json(self, data: str | bytes) -> object:
         """Undecodable or too deeply nested JSON is a malformed request (400), not a 500."""
         try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass  # what orjson refuses (e.g. integers beyond 64 bits) gets json's answer
+        try:
             return super().decode_json(data)
         except (RecursionError, UnicodeDecodeError) as exc:
             raise json.JSONDecodeError("The body is not valid JSON", "", 0) from exc
+
+    def encode_json(self, data: object) -> str:
+        return orjson.dumps(data).decode()
+
+    def should_render_graphql_ide(self, request: BaseRequestProtocol) -> bool:
+        """Not for a persisted query sent with GET (it has `extensions`, no `query`)."""
+        return (
+            super().should_render_graphql_ide(request)
+            and request.query_params.get("extensions") is None
+        )
+
+    async def parse_http_body(
+        self, request: AsyncHTTPRequestAdapter
+    ) -> GraphQLRequestData | list[GraphQLRequestData]:
+        data = await super().parse_http_body(request)
+        persisted = self._deps().persisted
+        if persisted is None:
+            return data
+        if isinstance(data, list):
+            return [await persisted.http_request(item, request.method) for item in data]
+        return await persisted.http_request(data, request.method)
+
+    async def run(  # type: ignore[override]
+        self, request: Request | WebSocket, *_unused: object
+    ) -> Response | WebSocket:
+        """HTTP: the response cache first, persisted-query refusals as GraphQL errors.
+        (Starlette calls `run(request)` alone; the context is always built here.)"""
+        if isinstance(request, WebSocket):
+            return await super().run(request)
+        responses = self._deps().responses
+        try:
+            if responses is not None:
+                return await responses.serve(request, super().run)
+            return await super().run(request)
+        except PersistedQueryError as exc:
+            return exc.response()
 
     def parse_json(self, data: str | bytes) -> dict[str, object] | list[object]:
         parsed = super().parse_json(data)
@@ -80,7 +126,9 @@ class MoraGraphQL(GraphQL[Context, None]):
     async def get_context(
         self, request: Request | WebSocket, response: Response | WebSocket
     ) -> Context:
-        return Context(deps=self._deps(), request=request, response=response)
+        return Context(
+            deps=self._deps(), request=request, response=response, recorder=current_recorder()
+        )
 
     async def on_ws_connect(self, context: Context) -> UnsetType | dict[str, object] | None:
         params = context.connection_params if isinstance(context.connection_params, dict) else {}
@@ -132,6 +180,8 @@ def graphql_deps(runtime: Runtime) -> GraphQLDeps:
         db=runtime.db,
         limiter=runtime.limiter,
         sessions=runtime.sessions,
+        responses=ResponseCache.build(runtime.settings, runtime.redis),
+        persisted=PersistedQueries.build(runtime.settings, runtime.redis),
     )
 
 
@@ -166,7 +216,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         lambda: deps["graphql"],
         schema=build_schema(settings),
         graphql_ide="graphiql" if settings.graphiql_enabled else None,
-        allow_queries_via_get=False,
+        allow_queries_via_get=True,  # persisted queries only: see PersistedQueries
         allowed_origins=settings.cors_origins,
         connection_init_wait_timeout=dt.timedelta(seconds=settings.ws_connection_init_timeout),
         max_subscriptions_per_connection=settings.max_subscriptions_per_connection,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,8 @@ from mora_graphql.auth.tokens import Principal, bearer_token, decode_access_toke
 from mora_graphql.config import Settings
 from mora_graphql.db import Database
 from mora_graphql.errors import Unauthenticated
+from mora_graphql.graphql.persisted import PersistedQueries
+from mora_graphql.graphql.response_cache import Recorder, ResponseCache
 from mora_graphql.ratelimit import RateLimiter
 from mora_graphql.sessions.service import SessionDeps, SessionService
 
@@ -27,6 +30,8 @@ class GraphQLDeps:
     db: Database
     limiter: RateLimiter
     sessions: SessionDeps
+    responses: ResponseCache | None = None
+    persisted: PersistedQueries | None = None
 
 
 @dataclass
@@ -35,6 +40,8 @@ class Context:
     request: Request | WebSocket
     response: Response | WebSocket | None = None
     connection_params: dict[str, Any] | None = None
+    recorder: Recorder | None = None
+    """Set while an HTTP query runs whose result may be cached (see `response_cache`)."""
     _principal: Principal | None = field(default=None, repr=False)
     _principal_resolved: bool = field(default=False, repr=False)
 
@@ -62,6 +69,11 @@ class Context:
     def session_service(self) -> SessionService:
         """The session rules acting for the signed-in caller (raises without a valid token)."""
         return SessionService(self.deps.sessions, self.require_user())
+
+    async def session_written(self, session_id: uuid.UUID | None, owner_id: uuid.UUID) -> None:
+        """After a committed write to a session (or a new one): cached results stop."""
+        if self.deps.responses is not None:
+            await self.deps.responses.session_written(session_id, owner_id)
 
     @property
     def client_ip(self) -> str:
