@@ -205,7 +205,7 @@ def autocannon(
 
 def check_answer(url: str, body: dict[str, Any], token: str | None, path: list[str]) -> None:
     headers = {"authorization": f"Bearer {token}"} if token else {}
-    data = httpx.post(url, json=body, headers=headers, timeout=10).json()
+    data = httpx.post(url, json=body, headers=headers, timeout=120).json()
     node: Any = data.get("data")
     for key in path:
         node = node[key] if node else None
