@@ -24,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -159,7 +160,9 @@ def wait_http(url: str, seconds: float = 60) -> None:
 def process(
     cmd: list[str], env: dict[str, str], ready_url: str
 ) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # stderr to a file, never an undrained pipe: a full pipe blocks the server's logging.
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
     try:
         wait_http(ready_url)
         yield proc
@@ -170,6 +173,7 @@ def process(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
 
 
 def autocannon(

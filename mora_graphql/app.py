@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -116,6 +116,8 @@ class MoraGraphQL(GraphQL[Context, None]):
             return await super().run(request)
         except PersistedQueryError as exc:
             return exc.response()
+        except ClientDisconnect:
+            return Response(status_code=499)  # gone before its body arrived: nobody to answer
 
     def parse_json(self, data: str | bytes) -> dict[str, object] | list[object]:
         parsed = super().parse_json(data)
