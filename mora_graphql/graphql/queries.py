@@ -69,7 +69,7 @@ class Query:
             else:
                 await recorder.depend(session_tag(ident))
         async with info.context.deps.db() as db:
-            row = await service.get(db, id)
+            row = await service.find(db, id)
         if recorder is not None:
             recorder.saw(row.status if row else None)
         return Session.of(row) if row else None
