@@ -180,6 +180,7 @@ def graphql_deps(runtime: Runtime) -> GraphQLDeps:
     return GraphQLDeps(
         settings=runtime.settings,
         db=runtime.db,
+        reads=runtime.reads,
         limiter=runtime.limiter,
         sessions=runtime.sessions,
         responses=ResponseCache.build(runtime.settings, runtime.redis),

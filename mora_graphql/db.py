@@ -93,6 +93,12 @@ def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]
 Database = async_sessionmaker[AsyncSession]
 
 
+def create_read_sessionmaker(engine: AsyncEngine) -> Database:
+    """Sessions for reads of one statement each: autocommit, so no BEGIN and ROLLBACK round
+    trips around the statement (same pool as `engine`)."""
+    return create_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"))
+
+
 _AFTER_COMMIT = "mora.after_commit"
 
 

@@ -28,6 +28,8 @@ class GraphQLDeps:
 
     settings: Settings
     db: Database
+    reads: Database
+    """Autocommit sessions for resolvers that read with one statement."""
     limiter: RateLimiter
     sessions: SessionDeps
     responses: ResponseCache | None = None

@@ -68,7 +68,7 @@ class Query:
                 recorder.forbid()
             else:
                 await recorder.depend(session_tag(ident))
-        async with info.context.deps.db() as db:
+        async with info.context.deps.reads() as db:
             row = await service.find(db, id)
         if recorder is not None:
             recorder.saw(row.status if row else None)
@@ -98,7 +98,7 @@ class Query:
                 await recorder.depend(list_tag(None if principal.is_admin else principal.user_id))
             else:
                 recorder.forbid()
-        async with info.context.deps.db() as db:
+        async with info.context.deps.reads() as db:
             rows, has_next = await service.page(
                 db,
                 first=first,
@@ -125,7 +125,7 @@ class Query:
         recorder = info.context.recorder
         if recorder is not None:
             await recorder.depend(user_tag(principal.user_id))
-        async with info.context.deps.db() as db:
+        async with info.context.deps.reads() as db:
             user = await AuthService(db, info.context.deps.settings).current_user(principal)
         if recorder is not None and user is None:
             recorder.forbid()
