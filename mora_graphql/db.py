@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 from sqlalchemy import JSON, DateTime, MetaData, event
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
@@ -83,6 +84,7 @@ def create_engine(settings: Settings, url: str | None = None) -> AsyncEngine:
         echo=settings.database_echo,
         pool_size=settings.database_pool_size,
         pool_recycle=settings.database_pool_recycle,
+        json_deserializer=orjson.loads,  # JSONB columns (timelines) decoded several times faster
     )
 
 
