@@ -345,7 +345,7 @@ class ResponseCache:
         for part in (
             request.method.encode(),
             request.headers.get("accept", "").encode("latin-1"),
-            request.url.query.encode("latin-1"),
+            request.scope.get("query_string", b""),
             body,
         ):
             digest.update(len(part).to_bytes(8, "big"))
