@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextvars
 import datetime as dt
 import hashlib
+import secrets
 import time
 import uuid
 from collections import OrderedDict
@@ -77,8 +78,13 @@ def session_write_tags(session_id: uuid.UUID | None, owner_id: uuid.UUID) -> lis
 
 
 class Epochs(Protocol):
+    async def snapshot(self, tags: Sequence[str]) -> list[int] | None:
+        """Epochs of `tags` before reading what they stand for (None: unavailable, so the
+        result is not stored)."""
+        ...
+
     async def read(self, tags: Sequence[str]) -> list[int] | None:
-        """Current epochs of `tags`; None when they cannot be read (then nothing is served)."""
+        """Current epochs, to validate an entry (None: unavailable, so nothing is served)."""
         ...
 
     async def bump(self, tags: Sequence[str]) -> None: ...
@@ -99,6 +105,8 @@ class LocalEpochs:
         epochs, floor = self._epochs, self._floor
         return [epochs.get(tag, floor) for tag in tags]
 
+    snapshot = read
+
     async def bump(self, tags: Sequence[str]) -> None:
         for tag in tags:
             self._counter += 1
@@ -110,15 +118,45 @@ class LocalEpochs:
             self._floor = self._counter
 
 
+_SNAPSHOT = """
+local ttl = ARGV[#KEYS + 1]
+local out = {}
+for i, key in ipairs(KEYS) do
+  local value = redis.call('GET', key)
+  if not value then
+    value = ARGV[i]
+    redis.call('SET', key, value, 'EX', ttl)
+  end
+  out[i] = value
+end
+return out
+"""
+
+
 class RedisEpochs:
-    """Epochs shared by every process: `INCR` after a write, `MGET` before a read and on a hit.
-    Keys outlive every entry recorded with them (`ttl` is twice the entry TTL, renewed on each
-    bump), so an epoch never silently goes back to zero under a live entry."""
+    """Epochs shared by every process: `INCR` after a write, read before a read and on a hit.
+
+    A snapshot creates a missing epoch with a random start value, and a missing epoch never
+    validates anything: so an epoch key that expired or was evicted (even by a Redis under
+    memory pressure) makes the entries recorded with it misses, never stale hits. Keys live
+    twice the entry TTL, renewed by every bump."""
 
     def __init__(self, redis: Redis, *, ttl: int, prefix: str = "mora:rc:epoch:") -> None:
         self.redis = redis
         self.ttl = ttl
         self.prefix = prefix
+        self._snapshot = redis.register_script(_SNAPSHOT)
+
+    async def snapshot(self, tags: Sequence[str]) -> list[int] | None:
+        starts = [secrets.randbits(52) for _ in tags]
+        try:
+            values = await self._snapshot(
+                keys=[self.prefix + tag for tag in tags], args=[*starts, self.ttl]
+            )
+        except RedisError as exc:
+            log.warning("response cache: epochs unavailable", error=type(exc).__name__)
+            return None
+        return [int(value) for value in values]
 
     async def read(self, tags: Sequence[str]) -> list[int] | None:
         try:
@@ -126,7 +164,7 @@ class RedisEpochs:
         except RedisError as exc:
             log.warning("response cache: epochs unavailable", error=type(exc).__name__)
             return None
-        return [int(value) if value is not None else 0 for value in values]
+        return [int(value) if value is not None else -1 for value in values]
 
     async def bump(self, tags: Sequence[str]) -> None:
         for attempt in range(3):
@@ -184,7 +222,7 @@ class Recorder:
         fresh = [tag for tag in tags if tag not in self.epochs]
         if not fresh or not self.cacheable:
             return
-        values = await self.owner.epochs.read(fresh)
+        values = await self.owner.epochs.snapshot(fresh)
         if values is None:
             self.cacheable = False
             return

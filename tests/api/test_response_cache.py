@@ -301,3 +301,27 @@ async def test_two_processes_share_entries_and_invalidation(
     assert deleted["data"] == {"deleteSession": True}
     assert await code_of(b, token, done) is None
     assert await code_of(a, token, done) is None
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_a_lost_epoch_is_a_miss_never_a_stale_hit(
+    two_servers: tuple[LiveServer, LiveServer], redis_url: str
+) -> None:
+    from redis.asyncio import Redis
+
+    a, b = two_servers
+    token = await a.register()
+    sid = await insert(a, await owner_of(a, token), SessionStatus.COMPLETED, "v1")
+    assert await code_of(a, token, sid) == "v1"
+    await set_code(a, sid, "v2")
+    assert await code_of(b, token, sid) == "v1"
+    client = Redis.from_url(redis_url)
+    try:
+        epochs = [key async for key in client.scan_iter("mora:rc:epoch:*")]
+        assert epochs
+        await client.delete(*epochs)  # expired, or evicted under memory pressure
+    finally:
+        await client.aclose()
+    assert await code_of(a, token, sid) == "v2"
+    assert await code_of(b, token, sid) == "v2"
