@@ -68,7 +68,7 @@ def decode_access_token(settings: Settings, token: str) -> Principal:
         return principal
     principal = _decode(settings, token)
     _verified[key] = principal
-    if len(_verified) > VERIFIED_CACHE_SIZE:
+    while len(_verified) > VERIFIED_CACHE_SIZE:
         _verified.popitem(last=False)
     return principal
 
