@@ -8,8 +8,9 @@ then starts, one at a time on the same machine:
   - PostGraphile V4 (bench/peers/postgraphile, pinned; `npm ci` there first) on those tables;
   - `mora serve` with the response cache on, off, and with `--workers 2`.
 autocannon (same folder) drives every server with `-c --connections -d --seconds` and one
-figure line is printed per (query, server): req/s, p50 and p99 in ms, and the ratio to
-PostGraphile's req/s. Mora's requests carry the owner's access token (its reads are
+figure line is printed per (query, server): req/s, p50 and p99 in ms, the server's CPU time per
+request, and the ratios to PostGraphile (req/s, and CPU per request, which a loaded machine
+disturbs far less). Mora's requests carry the owner's access token (its reads are
 per-user); PostGraphile's carry none. The load tool shares the machine's cores with the server.
 """
 
@@ -24,6 +25,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -159,7 +161,9 @@ def wait_http(url: str, seconds: float = 60) -> None:
 def process(
     cmd: list[str], env: dict[str, str], ready_url: str
 ) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # stderr to a file, never an undrained pipe: a full pipe blocks the server's logging.
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
     try:
         wait_http(ready_url)
         yield proc
@@ -170,10 +174,31 @@ def process(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and its children (uvicorn's workers) so far."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        pids += [int(child) for child in (task / "children").read_text().split()]
+    ticks = 0
+    for each in pids:
+        try:
+            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def autocannon(
-    url: str, body: dict[str, Any], token: str | None, args: argparse.Namespace, seconds: int = 0
+    url: str,
+    body: dict[str, Any],
+    token: str | None,
+    args: argparse.Namespace,
+    seconds: int = 0,
+    pid: int | None = None,
 ) -> dict[str, float]:
     """One load run; `seconds` > 0 is a warm-up (JIT, pools, caches) whose figures are dropped."""
     cmd = [
@@ -192,7 +217,9 @@ def autocannon(
     ]
     if token:
         cmd += ["-H", f"authorization=Bearer {token}"]
+    started = cpu_seconds(pid) if pid else 0.0
     done = subprocess.run([*cmd, url], capture_output=True, check=True, text=True)
+    used = cpu_seconds(pid) - started if pid else 0.0
     result = json.loads(done.stdout)
     errors = result.get("errors", 0) + result.get("non2xx", 0)
     return {
@@ -200,12 +227,13 @@ def autocannon(
         "p50": float(result["latency"]["p50"]),
         "p99": float(result["latency"]["p99"]),
         "errors": float(errors),
+        "cpu_ms": 1000 * used / max(1, int(result["requests"]["total"])),
     }
 
 
 def check_answer(url: str, body: dict[str, Any], token: str | None, path: list[str]) -> None:
     headers = {"authorization": f"Bearer {token}"} if token else {}
-    data = httpx.post(url, json=body, headers=headers, timeout=10).json()
+    data = httpx.post(url, json=body, headers=headers, timeout=120).json()
     node: Any = data.get("data")
     for key in path:
         node = node[key] if node else None
@@ -213,11 +241,15 @@ def check_answer(url: str, body: dict[str, Any], token: str | None, path: list[s
         raise RuntimeError(f"unexpected answer from {url}: {str(data)[:300]}")
 
 
-def line(label: str, server: str, figures: dict[str, float], peer: float | None) -> None:
-    ratio = f"{figures['rps'] / peer:.2f}x" if peer else "-"
+def line(label: str, server: str, figures: dict[str, float], peer: dict[str, float] | None) -> None:
+    """req/s and latency depend on what else the machine runs; server CPU per request (the
+    database's own work excluded, on both sides) does much less, so both ratios are printed."""
+    ratio = f"{figures['rps'] / peer['rps']:.2f}x" if peer else "-"
+    cpu_ratio = f"{peer['cpu_ms'] / figures['cpu_ms']:.2f}x" if peer and figures["cpu_ms"] else "-"
     print(
         f"{label:<16} {server:<28} {figures['rps']:>8.0f} req/s  p50 {figures['p50']:>6.1f} ms"
-        f"  p99 {figures['p99']:>6.1f} ms  errors {figures['errors']:.0f}  vs peer {ratio}",
+        f"  p99 {figures['p99']:>6.1f} ms  cpu {figures['cpu_ms']:>5.2f} ms/req"
+        f"  errors {figures['errors']:.0f}  vs peer {ratio} (cpu {cpu_ratio})",
         flush=True,
     )
 
@@ -292,7 +324,7 @@ def main() -> None:
             ["allSessions", "edges"],
         ),
     ]
-    peer: dict[str, float] = {}
+    peer: dict[str, dict[str, float]] = {}
     if args.only != "mora":
         gport = free_port()
         cmd = [
@@ -309,12 +341,12 @@ def main() -> None:
             "--disable-graphiql",
         ]
         gurl = f"http://127.0.0.1:{gport}/graphql"
-        with process(cmd, dict(os.environ), f"http://127.0.0.1:{gport}/graphql"):
+        with process(cmd, dict(os.environ), f"http://127.0.0.1:{gport}/graphql") as proc:
             for label, _m, _mp, body, path in cases:
                 check_answer(gurl, body, None, path)
                 autocannon(gurl, body, None, args, seconds=2)
-                figures = autocannon(gurl, body, None, args)
-                peer[label] = figures["rps"]
+                figures = autocannon(gurl, body, None, args, pid=proc.pid)
+                peer[label] = figures
                 line(label, "postgraphile 4.14.1", figures, None)
     if args.only == "peer":
         return
@@ -329,11 +361,11 @@ def main() -> None:
         murl = f"http://127.0.0.1:{mport}/graphql"
         cmd = [sys.executable, "-m", "mora_graphql.cli", "serve", "--port", str(mport), *flags]
         try:
-            with process(cmd, mora_env(extra), f"http://127.0.0.1:{mport}/health"):
+            with process(cmd, mora_env(extra), f"http://127.0.0.1:{mport}/health") as proc:
                 for label, body, path, _p, _pp in cases:
                     check_answer(murl, body, access, path)
                     autocannon(murl, body, access, args, seconds=2)
-                    figures = autocannon(murl, body, access, args)
+                    figures = autocannon(murl, body, access, args, pid=proc.pid)
                     line(label, name, figures, peer.get(label))
         except (RuntimeError, subprocess.CalledProcessError) as exc:
             print(f"{'-':<16} {name:<28} not run: {exc}", flush=True)

@@ -23,6 +23,8 @@ from mora_graphql.config import Settings, get_settings
 from mora_graphql.graphiql import graphiql_assets, graphiql_routes
 from mora_graphql.graphql.context import GraphQLDeps
 from mora_graphql.graphql.http import MoraGraphQL
+from mora_graphql.graphql.persisted import PersistedQueries
+from mora_graphql.graphql.response_cache import ResponseCache
 from mora_graphql.graphql.schema import build_schema
 from mora_graphql.logging import configure_logging, register_secrets, settings_secrets
 from mora_graphql.runtime import Runtime, build_runtime
@@ -69,8 +71,11 @@ def graphql_deps(runtime: Runtime) -> GraphQLDeps:
     return GraphQLDeps(
         settings=runtime.settings,
         db=runtime.db,
+        reads=runtime.reads,
         limiter=runtime.limiter,
         sessions=runtime.sessions,
+        responses=ResponseCache.build(runtime.settings, runtime.redis),
+        persisted=PersistedQueries.build(runtime.settings, runtime.redis),
     )
 
 
@@ -107,7 +112,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         schema=build_schema(settings),
         graphql_ide="graphiql" if settings.graphiql_enabled else None,
         ide_page=lambda: graphiql_assets().page(),
-        allow_queries_via_get=False,
+        allow_queries_via_get=True,  # persisted queries only: see PersistedQueries
         allowed_origins=settings.cors_origins,
         connection_init_wait_timeout=dt.timedelta(seconds=settings.ws_connection_init_timeout),
         max_subscriptions_per_connection=settings.max_subscriptions_per_connection,

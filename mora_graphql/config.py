@@ -105,6 +105,13 @@ class Settings(BaseSettings):
     max_ws_message_bytes: int = 4 * 1_048_576
     ws_connection_init_timeout: float = 10.0
 
+    response_cache: bool = True
+    response_cache_max_bytes: int = Field(default=64 * 1_048_576, ge=0)
+    response_cache_ttl: int = Field(default=3_600, ge=1)
+    persisted_queries: Literal["auto", "allowlist", "off"] = "auto"
+    persisted_queries_allowlist: str | None = None
+    persisted_queries_max_entries: int = Field(default=10_000, ge=1)
+
     job_backend: Literal["auto", "inprocess", "procrastinate"] = "auto"
     job_concurrency: int = 8
     worker_heartbeat_interval: float = 5.0

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 from sqlalchemy import JSON, DateTime, MetaData, event
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
@@ -89,6 +90,7 @@ def create_engine(settings: Settings, url: str | None = None) -> AsyncEngine:
         echo=settings.database_echo,
         pool_size=settings.database_pool_size,
         pool_recycle=settings.database_pool_recycle,
+        json_deserializer=orjson.loads,  # JSONB columns (timelines) decoded several times faster
     )
 
 
@@ -97,6 +99,12 @@ def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]
 
 
 Database = async_sessionmaker[AsyncSession]
+
+
+def create_read_sessionmaker(engine: AsyncEngine) -> Database:
+    """Sessions for reads of one statement each: autocommit, so no BEGIN and ROLLBACK round
+    trips around the statement (same pool as `engine`)."""
+    return create_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"))
 
 
 _AFTER_COMMIT = "mora.after_commit"

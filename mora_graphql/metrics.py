@@ -16,3 +16,9 @@ EVENT_EXECUTIONS = Counter(
     "Subscription event deliveries by whether the execution result was shared",
     ["shared"],
 )
+RESPONSE_CACHE_LOOKUPS = Counter(
+    "mora_response_cache_lookups_total", "Response cache lookups by outcome", ["outcome"]
+)
+PERSISTED_QUERY_LOOKUPS = Counter(
+    "mora_persisted_query_lookups_total", "Persisted query lookups by outcome", ["outcome"]
+)

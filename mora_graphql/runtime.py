@@ -19,7 +19,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mora_graphql.cache import Cache, MemoryCache, RedisCache
 from mora_graphql.config import Settings
-from mora_graphql.db import Database, create_engine, create_sessionmaker
+from mora_graphql.db import (
+    Database,
+    create_engine,
+    create_read_sessionmaker,
+    create_sessionmaker,
+)
 from mora_graphql.events.bus import EventBus, MemoryEventBus
 from mora_graphql.events.redis_bus import RedisEventBus
 from mora_graphql.jobs.base import JobQueue
@@ -41,6 +46,7 @@ class Runtime:
     settings: Settings
     engine: AsyncEngine
     db: Database
+    reads: Database
     http: httpx.AsyncClient
     redis: Redis | None
     bus: EventBus
@@ -144,6 +150,7 @@ async def build_runtime(settings: Settings, *, role: Role = "api") -> Runtime:
         settings=settings,
         engine=engine,
         db=db,
+        reads=create_read_sessionmaker(engine),
         http=http,
         redis=redis,
         bus=bus,

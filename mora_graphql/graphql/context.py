@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,8 @@ from mora_graphql.auth.tokens import Principal, bearer_token, decode_access_toke
 from mora_graphql.config import Settings
 from mora_graphql.db import Database
 from mora_graphql.errors import Unauthenticated
+from mora_graphql.graphql.persisted import PersistedQueries
+from mora_graphql.graphql.response_cache import Recorder, ResponseCache
 from mora_graphql.ratelimit import RateLimiter
 from mora_graphql.sessions.service import SessionDeps, SessionService
 
@@ -25,8 +28,12 @@ class GraphQLDeps:
 
     settings: Settings
     db: Database
+    reads: Database
+    """Autocommit sessions for resolvers that read with one statement."""
     limiter: RateLimiter
     sessions: SessionDeps
+    responses: ResponseCache | None = None
+    persisted: PersistedQueries | None = None
 
 
 @dataclass
@@ -35,6 +42,8 @@ class Context:
     request: Request | WebSocket
     response: Response | WebSocket | None = None
     connection_params: dict[str, Any] | None = None
+    recorder: Recorder | None = None
+    """Set while an HTTP query runs whose result may be cached (see `response_cache`)."""
     _principal: Principal | None = field(default=None, repr=False)
     _principal_resolved: bool = field(default=False, repr=False)
 
@@ -67,6 +76,11 @@ class Context:
         """Answer an HTTP request with `status` (the GraphQL body is sent as usual)."""
         if self.response is not None and not isinstance(self.response, WebSocket):
             self.response.status_code = status
+
+    async def session_written(self, session_id: uuid.UUID | None, owner_id: uuid.UUID) -> None:
+        """After a committed write to a session (or a new one): cached results stop."""
+        if self.deps.responses is not None:
+            await self.deps.responses.session_written(session_id, owner_id)
 
     @property
     def client_ip(self) -> str:

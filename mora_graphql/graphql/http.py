@@ -13,16 +13,18 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
+import orjson
 from cross_web import AsyncHTTPRequestAdapter, HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError, MissingQueryError
 from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData
+from strawberry.http.base import BaseRequestProtocol
 from strawberry.http.parse_content_type import parse_content_type
 from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOperationTypeError
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL
@@ -34,6 +36,8 @@ from strawberry.types.unset import UnsetType
 from mora_graphql.auth.tokens import bearer_token, decode_access_token
 from mora_graphql.errors import MoraError
 from mora_graphql.graphql.context import Context, GraphQLDeps
+from mora_graphql.graphql.persisted import PersistedQueryError
+from mora_graphql.graphql.response_cache import current_recorder
 from mora_graphql.graphql.websocket import (
     LegacyWSHandler,
     LimitedWebSocketAdapter,
@@ -172,8 +176,9 @@ class MoraGraphQL(GraphQL[Context, None]):
             await super().__call__(scope, receive, send)
             return
         request = Request(scope, receive=receive)
+        response: Response
         try:
-            response = await self.run(request)
+            response = cast("Response", await self.run(request))
         except RequestError as exc:
             response = self.error_response(request, exc)
         except HTTPException as exc:
@@ -194,9 +199,40 @@ class MoraGraphQL(GraphQL[Context, None]):
     def decode_json(self, data: str | bytes) -> object:
         """Undecodable or too deeply nested JSON is a malformed request (400), not a 500."""
         try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass  # what orjson refuses (e.g. integers beyond 64 bits) gets json's answer
+        try:
             return super().decode_json(data)
         except (RecursionError, UnicodeDecodeError) as exc:
             raise json.JSONDecodeError("The body is not valid JSON", "", 0) from exc
+
+    def encode_json(self, data: object) -> str:
+        return orjson.dumps(data).decode()
+
+    def should_render_graphql_ide(self, request: BaseRequestProtocol) -> bool:
+        """Not for a persisted query sent with GET (it has `extensions`, no `query`)."""
+        return (
+            super().should_render_graphql_ide(request)
+            and request.query_params.get("extensions") is None
+        )
+
+    async def run(  # type: ignore[override]
+        self, request: Request | WebSocket, *_unused: object
+    ) -> Response | WebSocket:
+        """HTTP: the response cache first, persisted-query refusals as GraphQL errors.
+        (Starlette calls `run(request)` alone; the context is always built here.)"""
+        if isinstance(request, WebSocket):
+            return await super().run(request)
+        responses = self._deps().responses
+        try:
+            if responses is not None:
+                return await responses.serve(request, super().run)
+            return await super().run(request)
+        except PersistedQueryError as exc:
+            return exc.response()
+        except ClientDisconnect:
+            return Response(status_code=499)  # gone before its body arrived: nobody to answer
 
     def parse_json(self, data: str | bytes) -> dict[str, object] | list[object]:
         parsed = super().parse_json(data)
@@ -217,7 +253,13 @@ class MoraGraphQL(GraphQL[Context, None]):
             )
         if request.method == "POST" and not self._supported_body(request.content_type):
             raise RequestError(415, f"Send the request body as {JSON}.", "UNSUPPORTED_MEDIA_TYPE")
-        return await super().parse_http_body(request)
+        data = await super().parse_http_body(request)
+        persisted = self._deps().persisted
+        if persisted is None:
+            return data
+        if isinstance(data, list):
+            return [await persisted.http_request(item, request.method) for item in data]
+        return await persisted.http_request(data, request.method)
 
     def _supported_body(self, content_type: str | None) -> bool:
         media_type, _ = parse_content_type(content_type or "")
@@ -319,7 +361,9 @@ class MoraGraphQL(GraphQL[Context, None]):
     async def get_context(
         self, request: Request | WebSocket, response: Response | WebSocket
     ) -> Context:
-        return Context(deps=self._deps(), request=request, response=response)
+        return Context(
+            deps=self._deps(), request=request, response=response, recorder=current_recorder()
+        )
 
     async def on_ws_connect(self, context: Context) -> UnsetType | dict[str, object] | None:
         params = context.connection_params if isinstance(context.connection_params, dict) else {}

@@ -10,6 +10,7 @@ from mora_graphql.db import transaction
 from mora_graphql.errors import Forbidden
 from mora_graphql.graphql.context import Info
 from mora_graphql.graphql.types import AuthPayload, CreateSessionInput, Session, user_type
+from mora_graphql.models import VideoSession
 
 
 def _auth_payload(result: AuthResult) -> AuthPayload:
@@ -89,33 +90,54 @@ class Mutation:
     @strawberry.mutation(description="Validate the video URL and start processing it.")
     async def create_session(self, info: Info, input: CreateSessionInput) -> Session:
         service = info.context.session_service()
-        async with transaction(info.context.deps.db) as db:
-            row = await service.create(
-                db,
-                video_url=input.video_url,
-                language=input.language,
-                subtitles=input.subtitles,
-                force_refresh=input.force_refresh,
-                admit=partial(_limit_pipeline_runs, info),
-            )
+        try:
+            async with transaction(info.context.deps.db) as db:
+                row = await service.create(
+                    db,
+                    video_url=input.video_url,
+                    language=input.language,
+                    subtitles=input.subtitles,
+                    force_refresh=input.force_refresh,
+                    admit=partial(_limit_pipeline_runs, info),
+                )
+        finally:
+            # Also when queueing failed after the commit: the row exists either way.
+            await info.context.session_written(None, service.principal.user_id)
         return Session.of(row)
 
     @strawberry.mutation
     async def cancel_session(self, info: Info, id: strawberry.ID) -> Session:
         service = info.context.session_service()
-        async with transaction(info.context.deps.db) as db:
-            row = await service.cancel(db, id)
+        row: VideoSession | None = None
+        try:
+            async with transaction(info.context.deps.db) as db:
+                row = await service.cancel(db, id)
+        finally:
+            if row is not None:
+                await info.context.session_written(row.id, row.owner_id)
         return Session.of(row)
 
     @strawberry.mutation(description="Run a session that ended in ERROR or CANCELLED again.")
     async def retry_session(self, info: Info, id: strawberry.ID) -> Session:
         service = info.context.session_service()
-        async with transaction(info.context.deps.db) as db:
-            row = await service.retry(db, id, admit=partial(_limit_pipeline_runs, info))
+        row: VideoSession | None = None
+        try:
+            async with transaction(info.context.deps.db) as db:
+                row = await service.retry(db, id, admit=partial(_limit_pipeline_runs, info))
+        finally:
+            if row is not None:
+                await info.context.session_written(row.id, row.owner_id)
         return Session.of(row)
 
     @strawberry.mutation
     async def delete_session(self, info: Info, id: strawberry.ID) -> bool:
         service = info.context.session_service()
-        async with transaction(info.context.deps.db) as db:
-            return await service.delete(db, id)
+        row: VideoSession | None = None
+        try:
+            async with transaction(info.context.deps.db) as db:
+                row = await service.require(db, id)
+                deleted = await service.delete(db, id)
+        finally:
+            if row is not None:
+                await info.context.session_written(row.id, row.owner_id)
+        return deleted

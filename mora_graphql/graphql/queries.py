@@ -6,6 +6,7 @@ from strawberry.types.nodes import FragmentSpread, InlineFragment, SelectedField
 from mora_graphql.auth.service import AuthService
 from mora_graphql.errors import BadUserInput
 from mora_graphql.graphql.context import Info
+from mora_graphql.graphql.response_cache import list_tag, session_tag, user_tag
 from mora_graphql.graphql.types import (
     HEAVY_FIELDS,
     PageInfo,
@@ -18,6 +19,7 @@ from mora_graphql.graphql.types import (
     user_type,
 )
 from mora_graphql.models import SessionStatus
+from mora_graphql.sessions.service import parse_id
 
 
 def _field_names(selections: list[Selection], path: tuple[str, ...]) -> set[str] | None:
@@ -59,8 +61,17 @@ class Query:
     @strawberry.field(description="Null when the session does not exist or is not yours.")
     async def session(self, info: Info, id: strawberry.ID) -> Session | None:
         service = info.context.session_service()
-        async with info.context.deps.db() as db:
-            row = await service.get(db, id)
+        recorder = info.context.recorder
+        if recorder is not None:
+            ident = parse_id(id)
+            if ident is None:
+                recorder.forbid()
+            else:
+                await recorder.depend(session_tag(ident))
+        async with info.context.deps.reads() as db:
+            row = await service.find(db, id)
+        if recorder is not None:
+            recorder.saw(row.status if row else None)
         return Session.of(row) if row else None
 
     @strawberry.field(description="Your sessions, newest first.")
@@ -80,7 +91,14 @@ class Query:
                 raise BadUserInput(
                     "after is not a valid cursor.", extensions={"field": "after"}
                 ) from exc
-        async with info.context.deps.db() as db:
+        recorder = info.context.recorder
+        if recorder is not None:
+            if status is None:
+                principal = service.principal
+                await recorder.depend(list_tag(None if principal.is_admin else principal.user_id))
+            else:
+                recorder.forbid()
+        async with info.context.deps.reads() as db:
             rows, has_next = await service.page(
                 db,
                 first=first,
@@ -88,6 +106,9 @@ class Query:
                 status=status,
                 skip_columns=_unselected_heavy_columns(info),
             )
+        if recorder is not None:
+            for row in rows:
+                recorder.saw(row.status)
         edges = [SessionEdge(cursor=encode_cursor(row), node=Session.of(row)) for row in rows]
         return SessionConnection(
             edges=edges,
@@ -101,6 +122,11 @@ class Query:
         principal = info.context.principal()
         if principal is None:
             return None
-        async with info.context.deps.db() as db:
+        recorder = info.context.recorder
+        if recorder is not None:
+            await recorder.depend(user_tag(principal.user_id))
+        async with info.context.deps.reads() as db:
             user = await AuthService(db, info.context.deps.settings).current_user(principal)
+        if recorder is not None and user is None:
+            recorder.forbid()
         return user_type(user) if user else None

@@ -12,6 +12,7 @@ import strawberry
 from mora_graphql.errors import ErrorCode
 from mora_graphql.logging import redact
 from mora_graphql.models import PipelineStage, Platform, Role, SessionStatus, VideoSession
+from mora_graphql.sessions.repository import SessionRow
 
 strawberry.enum(SessionStatus, name="SessionStatus")
 strawberry.enum(PipelineStage, name="PipelineStage")
@@ -126,7 +127,7 @@ class Session:
     """Scalars are copied from the row; large and JSON-backed fields resolve lazily, so a list
     query can leave the columns nobody asked for unloaded (see `HEAVY_FIELDS`)."""
 
-    row: strawberry.Private[VideoSession]
+    row: strawberry.Private[VideoSession | SessionRow]
     id: strawberry.ID
     video_url: str
     platform: Platform
@@ -144,7 +145,7 @@ class Session:
     completed_at: dt.datetime | None
 
     @classmethod
-    def of(cls, row: VideoSession) -> Session:
+    def of(cls, row: VideoSession | SessionRow) -> Session:
         return cls(
             row=row,
             id=strawberry.ID(str(row.id)),
@@ -251,7 +252,7 @@ HEAVY_FIELDS = {"subtitles": "subtitles", "generatedCode": "generated_code", "ti
 """GraphQL field -> column that list queries load only when the field is selected."""
 
 
-def encode_cursor(row: VideoSession) -> str:
+def encode_cursor(row: VideoSession | SessionRow) -> str:
     raw = f"{row.created_at.isoformat()}|{row.id}"
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 

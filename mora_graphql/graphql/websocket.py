@@ -35,6 +35,7 @@ from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWS
 from mora_graphql.auth.tokens import Principal
 from mora_graphql.errors import RateLimited, Unauthenticated
 from mora_graphql.graphql.context import Context
+from mora_graphql.graphql.persisted import is_persisted_payload
 from mora_graphql.ratelimit import SUBSCRIPTION_RETRY_AFTER
 
 if TYPE_CHECKING:
@@ -67,7 +68,10 @@ def _valid_id(message: Mapping[str, Any]) -> bool:
 
 def _valid_payload(message: Mapping[str, Any]) -> bool:
     payload = message.get("payload")
-    if not isinstance(payload, dict) or not isinstance(payload.get("query"), str):
+    if not isinstance(payload, dict):
+        return False
+    query = payload.get("query")
+    if not isinstance(query, str) and not (query is None and is_persisted_payload(payload)):
         return False
     return all(
         payload.get(key) is None or isinstance(payload[key], kind)
@@ -93,6 +97,13 @@ def malformed(
         return not _valid_id(message)
     payload = message.get("payload")
     return kind == "connection_init" and payload is not None and not isinstance(payload, dict)
+
+
+async def persisted_query_error(context: Context, payload: dict[str, Any]) -> dict[str, Any] | None:
+    """Automatic persisted queries for an operation message: fills `payload["query"]` in from
+    the hash, or returns the formatted error to send for the operation."""
+    persisted = context.deps.persisted
+    return None if persisted is None else await persisted.ws_payload(payload)
 
 
 def _error(exc: Exception) -> GraphQLError:
@@ -182,6 +193,13 @@ class TransportWSHandler(_ExpiryMixin, BaseGraphQLTransportWSHandler["Context", 
         if malformed(message, self._operation_types, self._id_types):
             await self.handle_invalid_message("Invalid message")
             return
+        if message["type"] == "subscribe" and self.connection_acknowledged:
+            payload = cast("dict[str, Any]", message["payload"])
+            error = await persisted_query_error(self.context, payload)
+            if error is not None:
+                reply = {"id": message["id"], "type": "error", "payload": [error]}
+                await self.send_message(cast("TransportMessage", reply))
+                return
         await super().handle_message(message)
 
     async def handle_connection_init(self, message: Any) -> None:
@@ -256,6 +274,13 @@ class LegacyWSHandler(_ExpiryMixin, BaseGraphQLWSHandler["Context", None]):
         if malformed(message, self._operation_types, self._id_types, self._known):
             await self.websocket.close(CLOSE_BAD_REQUEST, "Invalid message")
             return
+        if message["type"] == "start" and self.connection_acknowledged:
+            payload = cast("dict[str, Any]", message["payload"])
+            error = await persisted_query_error(self.context, payload)
+            if error is not None:
+                reply = {"type": "error", "id": message["id"], "payload": error}
+                await self.send_message(cast("OperationMessage", reply))
+                return
         await super().handle_message(message)
 
     async def handle_connection_init(self, message: Any) -> None:

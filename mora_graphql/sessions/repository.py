@@ -5,11 +5,10 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Collection, Sequence
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, bindparam, case, delete, or_, select, text, update
+from sqlalchemy import Row, Table, and_, bindparam, case, delete, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import defer
 
 from mora_graphql.db import utcnow
 from mora_graphql.models import ACTIVE_STATUSES, SessionStatus, VideoSession
@@ -26,6 +25,13 @@ RUN_RESET: dict[str, Any] = {
     "cancel_requested": False,
 }
 """What a new run of a session starts without."""
+
+SESSIONS = cast("Table", VideoSession.__table__)
+SessionRow = Row[Any]
+"""A session as a plain row (attribute names as on `VideoSession`): what read paths return."""
+
+_READ_ANY = select(*SESSIONS.c).where(SESSIONS.c.id == bindparam("id"))
+_READ_OWNED = _READ_ANY.where(SESSIONS.c.owner_id == bindparam("owner"))
 
 
 class SessionRepository:
@@ -54,6 +60,18 @@ class SessionRepository:
         result = await self.session.execute(stmt.execution_options(populate_existing=True))
         return result.scalar_one_or_none()
 
+    async def read_visible(
+        self, session_id: uuid.UUID, owner_id: uuid.UUID | None
+    ) -> SessionRow | None:
+        """`get_visible` for reads: one prepared Core statement and a plain row (no identity
+        map, no change tracking)."""
+        conn = await self.session.connection()
+        if owner_id is None:
+            result = await conn.execute(_READ_ANY, {"id": session_id})
+        else:
+            result = await conn.execute(_READ_OWNED, {"id": session_id, "owner": owner_id})
+        return result.first()
+
     async def page(
         self,
         owner_id: uuid.UUID | None,
@@ -62,25 +80,26 @@ class SessionRepository:
         after: tuple[dt.datetime, uuid.UUID] | None,
         status: SessionStatus | None,
         skip_columns: Collection[str] = (),
-    ) -> Sequence[VideoSession]:
-        """Newest first, keyset-paginated on (created_at, id); `skip_columns` stay unloaded."""
-        stmt = select(VideoSession).options(
-            *(defer(getattr(VideoSession, name), raiseload=True) for name in skip_columns)
-        )
+    ) -> Sequence[SessionRow]:
+        """Newest first, keyset-paginated on (created_at, id), as plain rows; `skip_columns`
+        are not selected."""
+        columns = SESSIONS.c
+        stmt = select(*(column for column in columns if column.name not in skip_columns))
         if owner_id is not None:
-            stmt = stmt.where(VideoSession.owner_id == owner_id)
+            stmt = stmt.where(columns.owner_id == owner_id)
         if status is not None:
-            stmt = stmt.where(VideoSession.status == status)
+            stmt = stmt.where(columns.status == status)
         if after is not None:
             created, last_id = after
             stmt = stmt.where(
                 or_(
-                    VideoSession.created_at < created,
-                    and_(VideoSession.created_at == created, VideoSession.id < last_id),
+                    columns.created_at < created,
+                    and_(columns.created_at == created, columns.id < last_id),
                 )
             )
-        stmt = stmt.order_by(VideoSession.created_at.desc(), VideoSession.id.desc()).limit(limit)
-        return (await self.session.execute(stmt)).scalars().all()
+        stmt = stmt.order_by(columns.created_at.desc(), columns.id.desc()).limit(limit)
+        conn = await self.session.connection()
+        return (await conn.execute(stmt)).all()
 
     async def delete(self, session_id: uuid.UUID) -> bool:
         result = await self.session.execute(

@@ -162,9 +162,10 @@ async def test_other_users_sessions_behave_as_missing_ones(world: World) -> None
         with pytest.raises(NotFound):
             await attempt
     assert world.queue.cancelled == []
-    assert (await world.service(alice).page(world.session, first=5, after=None, status=None))[
-        0
-    ] == [row]
+    page, _ = await world.service(alice).page(world.session, first=5, after=None, status=None)
+    assert [found.id for found in page] == [row.id]
+    assert (await world.service(alice).find(world.session, ident)) is not None
+    assert (await world.service(bob).find(world.session, ident)) is None
     rows, more = await world.service(bob).page(world.session, first=5, after=None, status=None)
     assert (list(rows), more) == ([], False)
 
