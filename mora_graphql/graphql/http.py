@@ -230,7 +230,9 @@ class MoraGraphQL(GraphQL[Context, None]):
                 return await responses.serve(request, super().run)
             return await super().run(request)
         except PersistedQueryError as exc:
-            return exc.response()
+            refused = exc.response()
+            refused.headers["content-type"] = negotiate(request.headers.get("accept")) or JSON
+            return refused
         except ClientDisconnect:
             return Response(status_code=499)  # gone before its body arrived: nobody to answer
 
