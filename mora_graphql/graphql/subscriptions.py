@@ -10,6 +10,7 @@ from mora_graphql.events.types import SessionEvent as DomainEvent
 from mora_graphql.graphql.context import Info
 from mora_graphql.graphql.events import SessionEvent, to_graphql
 from mora_graphql.graphql.fanout import SHARED_EVENTS
+from mora_graphql.graphql.feed import Handoff, Replay
 from mora_graphql.sessions.service import parse_id
 
 
@@ -24,6 +25,12 @@ class Subscription:
     async def session_progress(
         self, info: Info, session_id: strawberry.ID, after_seq: int | None = None
     ) -> AsyncGenerator[SessionEvent, None]:
+        root = info.root_value
+        if isinstance(root, Replay):
+            # A session feed executing one event for every subscriber of this document.
+            item = root.item
+            yield SHARED_EVENTS.get(item) if isinstance(item, DomainEvent) else to_graphql(item)
+            return
         principal = info.context.require_user()
         if after_seq is not None and after_seq < 0:
             raise BadUserInput("afterSeq must not be negative.", extensions={"field": "afterSeq"})
@@ -31,12 +38,23 @@ class Subscription:
         if ident is None:
             raise NotFound("Session not found.")
         services = info.context.services
+        owner_id = None if principal.is_admin else principal.user_id
+        if isinstance(root, Handoff):
+            # The start runs here, per subscriber; the live events come from the session feed.
+            start = root.follow(
+                services.db,
+                services.bus,
+                services.limiter,
+                ident,
+                owner_id=owner_id,
+                user_id=principal.user_id,
+                after_seq=after_seq,
+            )
+            async for item in start:
+                yield SHARED_EVENTS.get(item) if isinstance(item, DomainEvent) else to_graphql(item)
+            return
         stream = follow_session(
-            services.db,
-            services.bus,
-            ident,
-            owner_id=None if principal.is_admin else principal.user_id,
-            after_seq=after_seq,
+            services.db, services.bus, ident, owner_id=owner_id, after_seq=after_seq
         )
         async with services.limiter.subscription_slot(principal.user_id):
             async for item in stream:
