@@ -296,7 +296,7 @@ class SessionFeed:
             assert self.last is not None
             registry = self.registry
             while True:
-                event = await subscriber.get(IDLE_TIMEOUT)
+                event = await subscriber.get(registry.idle_timeout)
                 if event is not None and event.seq <= self.last:
                     continue
                 if event is None or event.seq > self.last + 1:
@@ -404,9 +404,10 @@ class SessionFeed:
 class FeedRegistry:
     """The feeds of one process (per event bus)."""
 
-    def __init__(self, db: Database, bus: EventBus) -> None:
+    def __init__(self, db: Database, bus: EventBus, *, idle_timeout: float = IDLE_TIMEOUT) -> None:
         self.db = db
         self.bus = bus
+        self.idle_timeout = idle_timeout
         self.feeds: dict[uuid.UUID, SessionFeed] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
