@@ -54,6 +54,7 @@ log = structlog.get_logger("mora.feed")
 
 Item = Snapshot | SessionEvent
 Execute = Callable[[Item], Awaitable[str]]
+ExecuteFactory = Callable[[], Execute]
 RECENT_EVENTS = 512
 """Events a feed keeps for subscribers joining or catching up (beyond them: the replay log)."""
 PAYLOADS_PER_GROUP = 256
@@ -69,6 +70,9 @@ class Replay:
         self.item = item
 
 
+_EMPTY: deque[str] = deque(maxlen=0)
+
+
 class Writer:
     """One connection's bounded FIFO of text frames and the task that writes them (started at
     the first frame). `push` never waits: it refuses a frame when `limit` frames are queued."""
@@ -77,7 +81,7 @@ class Writer:
 
     def __init__(self, send: Callable[[str], Awaitable[None]], limit: int) -> None:
         self._send = send
-        self._frames: deque[str] = deque()
+        self._frames: deque[str] = _EMPTY
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Future[None] | None = None
         self._drained: asyncio.Future[None] | None = None
@@ -89,6 +93,8 @@ class Writer:
             return True
         if len(self._frames) >= self.limit:
             return False
+        if self._frames is _EMPTY:
+            self._frames = deque()  # allocated at the first frame: parked subscribers stay small
         self._frames.append(frame)
         if self._task is None:
             self._task = asyncio.create_task(self._run())
@@ -254,7 +260,7 @@ class SessionFeed:
     def join(
         self,
         key: tuple[str, str | None, bytes],
-        execute: Execute,
+        execute: ExecuteFactory,
         frames: Frames,
         writer: Writer,
         last: int,
@@ -262,7 +268,7 @@ class SessionFeed:
     ) -> Member:
         group = self.groups.get(key)
         if group is None:
-            group = self.groups[key] = Group(key, execute)
+            group = self.groups[key] = Group(key, execute())
         member = Member(self, group, frames, writer, last, on_end)
         self.members[id(member)] = member
         group.members[id(member)] = member

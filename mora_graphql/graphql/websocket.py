@@ -265,7 +265,7 @@ class _FeedMixin:
 
         member = feed.join(
             group_key(query, operation_name, variables),
-            self._shared_execution(query, variables, operation_name),
+            lambda: self._shared_execution(query, variables, operation_name),
             Frames(self.protocol, operation_id),
             self._connection_writer(),
             handoff.start.last,
@@ -313,6 +313,8 @@ class TransportWSHandler(_ExpiryMixin, _FeedMixin, BaseGraphQLTransportWSHandler
         await super().handle_connection_init(message)
         if self.connection_acknowledged and getattr(self, "_expiry", None) is None:
             self._watch_expiry()
+            # The cancelled init-timeout task (and what its exception holds) is not needed.
+            self.connection_init_timeout_task = None
 
     async def handle_subscribe(self, message: Any) -> None:
         limit = self.max_subscriptions_per_connection

@@ -58,7 +58,7 @@ class Follower:
         assert not start.ended
         self.member = feed.join(
             ("doc", None, b"{}"),
-            execute,
+            lambda: execute,
             Frames(TRANSPORT_WS, "1"),
             Writer(self.send, limit),
             start.last,
