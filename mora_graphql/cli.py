@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import getpass
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mora_graphql.config import Settings, SettingsError, get_settings
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 def _settings_or_exit() -> Settings:
@@ -24,6 +29,34 @@ def _settings_or_exit() -> Settings:
         sys.exit(f"mora: configuration error: {message}")
 
 
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def freeze_after_startup(app: ASGIApp) -> ASGIApp:
+    """Once the app has started, move every object it built into the garbage collector's
+    permanent generation (`gc.freeze`), and collect the young generation less often.
+
+    Measured with one subscriber at 100 events/s: full collections walked the whole start-up
+    heap (modules, schema, clients) and paused the event loop for up to 465 ms, the worst
+    delivery latencies of the run."""
+
+    async def app_with_frozen_heap(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await app(scope, receive, send)
+            return
+
+        async def send_after_freeze(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                gc.collect()
+                gc.freeze()
+                gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+            await send(message)
+
+        await app(scope, receive, send_after_freeze)
+
+    return app_with_frozen_heap
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -32,7 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = _settings_or_exit()
     app = create_app(settings)
     uvicorn.run(
-        app,
+        freeze_after_startup(app),
         host=args.host or settings.host,
         port=args.port or settings.port,
         log_level=settings.log_level.lower(),
