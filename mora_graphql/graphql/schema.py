@@ -14,7 +14,6 @@ from strawberry.types import ExecutionContext
 from mora_graphql.config import Settings
 from mora_graphql.errors import MoraError
 from mora_graphql.graphql.events import EVENT_TYPES
-from mora_graphql.graphql.fanout import SharedEventExecutionContext
 from mora_graphql.graphql.limits import (
     CACHE_SIZE,
     CachedParser,
@@ -100,5 +99,4 @@ def build_schema(settings: Settings) -> strawberry.Schema:
             lambda: MaskUnexpectedErrors(suggestions=suggestions),
         ],
         config=StrawberryConfig(disable_field_suggestions=not suggestions),
-        execution_context_class=SharedEventExecutionContext,
     )
