@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import uuid
 import weakref
 from collections import OrderedDict, deque
@@ -32,15 +33,19 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
+from strawberry.utils.aio import aclosing
 
 from mora_graphql.events.stream import Snapshot, Start, catch_up, load_visible, snapshot
 from mora_graphql.events.types import SessionEvent
-from mora_graphql.graphql.frames import Frames
+from mora_graphql.graphql.frames import Frames, encode_payload
 from mora_graphql.metrics import EVENT_EXECUTIONS, SUBSCRIBER_CATCH_UPS, SUBSCRIPTIONS
 
 if TYPE_CHECKING:
+    from strawberry.schema import BaseSchema
+
     from mora_graphql.db import Database
     from mora_graphql.events.bus import EventBus, Subscriber
+    from mora_graphql.graphql.context import Context
     from mora_graphql.ratelimit import RateLimiter
     from mora_graphql.sessions.service import SessionService
 
@@ -496,3 +501,32 @@ class Handoff:
 
 
 _RELEASING: set[asyncio.Future[bool | None]] = set()
+
+
+def shared_execution(
+    schema: BaseSchema,
+    context: Context,
+    query: str,
+    variables: dict[str, Any] | None,
+    operation_name: str | None,
+) -> Execute:
+    """Runs the document on one event for a whole group of subscribers. Its context has no
+    principal: nothing in a shared result can depend on who is asking (see above)."""
+    shared = copy.copy(context)
+    shared.connection_params = None
+    shared.set_principal(None)
+
+    async def execute(item: Item) -> str:
+        source = await schema.subscribe(
+            query,
+            variable_values=variables,
+            context_value=shared,
+            root_value=Replay(item),
+            operation_name=operation_name,
+        )
+        async with aclosing(source):
+            async for result in source:
+                return encode_payload(result)
+        raise RuntimeError("a shared execution gave no result")
+
+    return execute

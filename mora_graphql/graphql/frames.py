@@ -28,10 +28,11 @@ def encode_payload(result: ExecutionResult) -> str:
 class Frames:
     """The frames of one operation: `data(payload)` and `complete`."""
 
-    __slots__ = ("complete", "prefix")
+    __slots__ = ("complete", "prefix", "suffix")
 
     def __init__(self, protocol: str, operation_id: str) -> None:
         quoted = orjson.dumps(operation_id).decode()
+        self.suffix = "}"
         if protocol == TRANSPORT_WS:
             self.prefix = f'{{"id":{quoted},"type":"next","payload":'
             self.complete = f'{{"id":{quoted},"type":"complete"}}'
@@ -40,4 +41,43 @@ class Frames:
             self.complete = f'{{"type":"complete","id":{quoted}}}'
 
     def data(self, payload: str) -> str:
-        return f"{self.prefix}{payload}}}"
+        return f"{self.prefix}{payload}{self.suffix}"
+
+
+MULTIPART_BOUNDARY = "-"
+_PART = "\r\nContent-Type: application/json\r\n\r\n"
+
+
+class StreamFrames(Frames):
+    """The chunks of one HTTP streaming response: multipart (Apollo's subscription protocol,
+    boundary `-`) or graphql-sse's distinct-connections mode. `opening` starts the body,
+    `heartbeat` keeps proxies from closing a quiet stream, `error(errors)` is a transport-level
+    error (the token expired), `complete` ends the body."""
+
+    __slots__ = ("heartbeat", "opening", "protocol")
+
+    def __init__(self, protocol: str) -> None:
+        self.protocol = protocol
+        if protocol == MULTIPART:
+            end = f"\r\n--{MULTIPART_BOUNDARY}"
+            self.opening = f"--{MULTIPART_BOUNDARY}"
+            self.prefix = _PART + '{"payload":'
+            self.suffix = "}" + end
+            self.heartbeat = _PART + "{}" + end
+            self.complete = "--\r\n"
+        else:
+            self.opening = ""
+            self.prefix = "event: next\ndata: "
+            self.suffix = "\n\n"
+            self.heartbeat = ":\n\n"
+            self.complete = "event: complete\ndata:\n\n"
+
+    def error(self, errors: list[Any]) -> str:
+        if self.protocol == MULTIPART:
+            body = orjson.dumps({"payload": None, "errors": errors}).decode()
+            return f"{_PART}{body}\r\n--{MULTIPART_BOUNDARY}"
+        return self.data(orjson.dumps({"errors": errors}).decode())
+
+
+MULTIPART = "multipart-subscription"
+SSE = "graphql-sse"

@@ -19,7 +19,6 @@ Every other operation takes Strawberry's normal path.
 from __future__ import annotations
 
 import asyncio
-import copy
 import datetime as dt
 from collections.abc import AsyncGenerator, Mapping
 from contextlib import suppress
@@ -46,8 +45,15 @@ from strawberry.utils.aio import aclosing
 from mora_graphql.auth.tokens import Principal
 from mora_graphql.errors import RateLimited, Unauthenticated
 from mora_graphql.graphql.context import Context
-from mora_graphql.graphql.feed import Execute, Handoff, Item, Member, Replay, Writer, group_key
-from mora_graphql.graphql.frames import LEGACY_WS, TRANSPORT_WS, Frames, encode_payload
+from mora_graphql.graphql.feed import (
+    Execute,
+    Handoff,
+    Member,
+    Writer,
+    group_key,
+    shared_execution,
+)
+from mora_graphql.graphql.frames import LEGACY_WS, TRANSPORT_WS, Frames
 from mora_graphql.ratelimit import SUBSCRIPTION_RETRY_AFTER
 
 if TYPE_CHECKING:
@@ -222,25 +228,7 @@ class _FeedMixin:
     ) -> Execute:
         """Runs the document on one event for a whole group of subscribers. Its context has no
         principal: nothing in a shared result can depend on who is asking (see feed.py)."""
-        schema = self.schema
-        shared = copy.copy(self.context)
-        shared.connection_params = None
-        shared.set_principal(None)
-
-        async def execute(item: Item) -> str:
-            source = await schema.subscribe(
-                query,
-                variable_values=variables,
-                context_value=shared,
-                root_value=Replay(item),
-                operation_name=operation_name,
-            )
-            async with aclosing(source):
-                async for result in source:
-                    return encode_payload(result)
-            raise RuntimeError("a shared execution gave no result")
-
-        return execute
+        return shared_execution(self.schema, self.context, query, variables, operation_name)
 
     def _join_feed(
         self,
