@@ -16,6 +16,7 @@ from tests.fakes.fixtures import (  # noqa: F401
 )
 from tests.fakes.openai_server import JSON, FakeOpenAI
 from tests.httpstream import HTTP_PROTOCOLS, collect, stream
+from tests.jsclients import JS_CLIENTS, js_subscribe
 from tests.live.test_session_progress import (
     PROGRESS,
     SRT,
@@ -87,3 +88,29 @@ async def test_other_users_session_is_not_found(live: LiveServer, protocol: str)
     assert results[0]["errors"][0]["extensions"]["code"] == "NOT_FOUND"
     anonymous = [r async for r in stream(live.http, protocol, PROGRESS, {"id": session_id})]
     assert anonymous[0]["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+
+
+@pytest.mark.parametrize("client", JS_CLIENTS)
+async def test_npm_clients_follow_a_session(
+    live: LiveServer, openai_server: FakeOpenAI, bibigpt_server: FakeBibiGPT, client: str
+) -> None:
+    """@apollo/client (HttpLink only, multipart) and the graphql-sse client."""
+    openai_server.enqueue(code_stream(delay=0.02), JSON(json.dumps(TIMELINE)))
+    token = await live.register()
+    session_id = await start(live, token, subtitles=SRT)
+    lines = await js_subscribe(client, f"{live.url}/graphql", token, PROGRESS, {"id": session_id})
+    assert lines[-1] == {"complete": True}, lines[-3:]
+    events = [line["data"]["sessionProgress"] for line in lines[:-1]]
+    assert_sequence(events)
+    assert events[-1]["__typename"] == "SessionCompleted"
+    session = await wait_terminal(live, token, session_id)
+    assert rebuild_code(events) == session["generatedCode"]
+
+    resumed = await js_subscribe(
+        client, f"{live.url}/graphql", token, PROGRESS, {"id": session_id, "after": 2}
+    )
+    resumed_events = [line["data"]["sessionProgress"] for line in resumed[:-1]]
+    assert resumed[-1] == {"complete": True}, resumed[-3:]
+    seqs = [event["seq"] for event in resumed_events]
+    assert seqs == list(range(3, events[-1]["seq"] + 1)), seqs
+    assert resumed_events[-1] == events[-1]
