@@ -201,8 +201,9 @@ class MoraGraphQL(GraphQL[Context, None]):
             body = json.loads(await request.body())
         except (ValueError, RecursionError):
             return False
+        max_tokens = self._deps().settings.graphql_max_tokens
         if not isinstance(body, dict) or not is_subscription(
-            body.get("query"), body.get("operationName")
+            body.get("query"), body.get("operationName"), max_tokens
         ):
             return False
         context = await self.get_context(request, Response())

@@ -55,7 +55,7 @@ def stream_protocol(accept: str | None) -> str | None:
     return None
 
 
-def is_subscription(query: object, operation_name: object) -> bool:
+def is_subscription(query: object, operation_name: object, max_tokens: int) -> bool:
     """True when the request's selected operation is a subscription (False when the document
     does not parse or names no such operation: the normal path answers those)."""
     if not isinstance(query, str) or not (
@@ -63,7 +63,7 @@ def is_subscription(query: object, operation_name: object) -> bool:
     ):
         return False
     try:
-        document = parse(query)
+        document = parse(query, no_location=True, max_tokens=max_tokens)
     except GraphQLError:
         return False
     operations = [d for d in document.definitions if isinstance(d, OperationDefinitionNode)]
