@@ -13,6 +13,7 @@ import pytest
 
 from mora_graphql.events.types import EventKind, SessionEvent
 from mora_graphql.graphql import streams
+from mora_graphql.metrics import EVENT_EXECUTIONS
 from mora_graphql.models import SessionStatus
 from tests.conftest import LiveServer
 from tests.httpstream import HTTP_PROTOCOLS, TransportError, stream
@@ -104,6 +105,7 @@ async def test_per_user_limit_and_heartbeats_and_live_events(
 
     await asyncio.sleep(0.7)
     assert all("<heartbeat>" in raw for raw in raws)
+    executed, shared = (EVENT_EXECUTIONS.labels(v)._value.get() for v in ("false", "true"))
     bus = live.services.bus
     for seq, kind in ((1, EventKind.CODE_DELTA), (2, EventKind.CANCELLED)):
         await bus.publish(
@@ -122,3 +124,6 @@ async def test_per_user_limit_and_heartbeats_and_live_events(
     for results in received:
         names = [r["data"]["sessionProgress"]["__typename"] for r in results]
         assert names == ["SessionSnapshot", "CodeDelta", "SessionCancelled"], names
+    # The session feed executed each event once for both streams (same document).
+    assert EVENT_EXECUTIONS.labels("false")._value.get() - executed == 2
+    assert EVENT_EXECUTIONS.labels("true")._value.get() - shared == 2
