@@ -17,6 +17,7 @@ from mora_graphql.metrics import EVENT_EXECUTIONS
 from mora_graphql.models import SessionStatus
 from tests.conftest import LiveServer
 from tests.httpstream import HTTP_PROTOCOLS, TransportError, stream
+from tests.jsclients import JS_CLIENTS, js_subscribe
 from tests.security.conftest import Accounts, insert_session
 
 TTL = 2
@@ -127,3 +128,17 @@ async def test_per_user_limit_and_heartbeats_and_live_events(
     # The session feed executed each event once for both streams (same document).
     assert EVENT_EXECUTIONS.labels("false")._value.get() - executed == 2
     assert EVENT_EXECUTIONS.labels("true")._value.get() - shared == 2
+
+
+@pytest.mark.parametrize("client", JS_CLIENTS)
+async def test_npm_clients_get_unauthenticated_when_the_token_expires(
+    live: LiveServer, accounts: Accounts, client: str
+) -> None:
+    session_id = await insert_session(live, accounts.alice, SessionStatus.PROCESSING)
+    fresh = (await live.gql(REFRESH, {"t": accounts.alice.refresh}))["data"]["refreshToken"]
+    lines = await js_subscribe(
+        client, f"{live.url}/graphql", fresh["accessToken"], PROGRESS, {"id": session_id}
+    )
+    assert lines[0]["data"]["sessionProgress"]["__typename"] == "SessionSnapshot", lines
+    errors = lines[1]["error"]["errors"] if client == "apollo" else lines[1]["errors"]
+    assert errors[0]["extensions"]["code"] == "UNAUTHENTICATED", lines
