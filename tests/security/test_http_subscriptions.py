@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import time
 import uuid
 from typing import Any
@@ -16,7 +17,7 @@ from mora_graphql.graphql import streams
 from mora_graphql.metrics import EVENT_EXECUTIONS
 from mora_graphql.models import SessionStatus
 from tests.conftest import LiveServer
-from tests.httpstream import HTTP_PROTOCOLS, TransportError, stream
+from tests.httpstream import ACCEPT, HTTP_PROTOCOLS, TransportError, stream
 from tests.jsclients import JS_CLIENTS, js_subscribe
 from tests.security.conftest import Accounts, insert_session
 
@@ -32,7 +33,7 @@ def database_url(sqlite_url: str) -> str:
 
 @pytest.fixture
 def settings_overrides() -> dict[str, Any]:
-    return {"access_token_ttl": TTL, "max_subscriptions_per_user": 2}
+    return {"access_token_ttl": TTL, "max_subscriptions_per_user": 2, "subscriber_buffer": 8}
 
 
 async def expire(live: LiveServer, protocol: str, token: str, session_id: str) -> Any:
@@ -142,3 +143,61 @@ async def test_npm_clients_get_unauthenticated_when_the_token_expires(
     assert lines[0]["data"]["sessionProgress"]["__typename"] == "SessionSnapshot", lines
     errors = lines[1]["error"]["errors"] if client == "apollo" else lines[1]["errors"]
     assert errors[0]["extensions"]["code"] == "UNAUTHENTICATED", lines
+
+
+def delta(session_id: str, seq: int, text: str | None, kind: EventKind) -> SessionEvent:
+    return SessionEvent(
+        session_id=uuid.UUID(session_id),
+        seq=seq,
+        kind=kind,
+        at=dt.datetime.now(dt.UTC),
+        status=SessionStatus.COMPLETED if kind is EventKind.COMPLETED else SessionStatus.PROCESSING,
+        stage=None,
+        progress=0.5,
+        text=text,
+    )
+
+
+@pytest.mark.parametrize("protocol", HTTP_PROTOCOLS)
+async def test_a_stalled_reader_does_not_hold_up_another(
+    live: LiveServer, accounts: Accounts, protocol: str
+) -> None:
+    """A client that stops reading its stream (its socket buffers fill up) falls behind alone."""
+    session_id = await insert_session(live, accounts.alice, SessionStatus.PROCESSING)
+    fresh = (await live.gql(REFRESH, {"t": accounts.alice.refresh}))["data"]["refreshToken"]
+    token = fresh["accessToken"]
+    host, port = live.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = json.dumps({"query": PROGRESS, "variables": {"id": session_id}}).encode()
+    accept = ACCEPT[protocol]
+    writer.write(
+        (
+            f"POST /graphql HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+            f"Accept: {accept}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        + body
+    )
+    await writer.drain()
+    assert b"200" in await asyncio.wait_for(reader.readline(), 10)  # then never read again
+
+    received: list[dict[str, Any]] = []
+    ready = asyncio.Event()
+
+    async def follow() -> None:
+        async for result in stream(live.http, protocol, PROGRESS, {"id": session_id}, token):
+            received.append(result["data"]["sessionProgress"])
+            ready.set()
+
+    follower = asyncio.create_task(follow())
+    await asyncio.wait_for(ready.wait(), 10)
+    bus = live.services.bus
+    chunk = "x" * 65_536
+    count = 200  # about 13 MB: more than the stalled connection's socket buffers hold
+    for seq in range(1, count + 1):
+        await bus.publish(delta(session_id, seq, chunk, EventKind.CODE_DELTA))
+    await bus.publish(delta(session_id, count + 1, None, EventKind.COMPLETED))
+    await asyncio.wait_for(follower, 30)
+    assert [event["seq"] for event in received] == list(range(count + 2))
+    assert received[-1]["__typename"] == "SessionCompleted"
+    writer.close()
