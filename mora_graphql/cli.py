@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import getpass
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mora_graphql.config import Settings, SettingsError, get_settings
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 def _settings_or_exit() -> Settings:
@@ -23,6 +27,34 @@ def _settings_or_exit() -> Settings:
         if "SECRET_KEY" in message:
             message = message[message.index("SECRET_KEY") :]
         sys.exit(f"mora: configuration error: {message}")
+
+
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def freeze_after_startup(app: ASGIApp) -> ASGIApp:
+    """Once the app has started, move every object it built into the garbage collector's
+    permanent generation (`gc.freeze`), and collect the young generation less often.
+
+    Measured with one subscriber at 100 events/s: full collections walked the whole start-up
+    heap (modules, schema, clients) and paused the event loop for up to 465 ms, the worst
+    delivery latencies of the run."""
+
+    async def app_with_frozen_heap(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await app(scope, receive, send)
+            return
+
+        async def send_after_freeze(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                gc.collect()
+                gc.freeze()
+                gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+            await send(message)
+
+        await app(scope, receive, send_after_freeze)
+
+    return app_with_frozen_heap
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -43,12 +75,28 @@ def cmd_serve(args: argparse.Namespace) -> None:
         "forwarded_allow_ips": settings.forwarded_allow_ips,
         "ws_max_size": settings.max_ws_message_bytes,
         "timeout_graceful_shutdown": int(settings.worker_shutdown_timeout),
+        # Measured with 100 subscribers of one session at 100 events/s: per-message deflate
+        # compresses every frame once per subscriber (server CPU 57 -> 42 us per delivery
+        # without it), and frames of a few hundred bytes gain little from it. The sans-I/O
+        # websockets protocol needs no keepalive/transfer tasks per connection (34 KB of
+        # RSS per parked subscription with 2,000 of them).
+        "ws": "websockets-sansio",
+        "ws_per_message_deflate": False,
     }
     if workers > 1:
-        # Each process builds its own app, pools and connections from the same settings.
-        uvicorn.run("mora_graphql.app:create_app", factory=True, workers=workers, **options)
+        # Each process builds its own app, pools and connections from the same settings,
+        # and freezes its own start-up heap (`served_app`).
+        uvicorn.run("mora_graphql.cli:served_app", factory=True, workers=workers, **options)
         return
-    uvicorn.run(create_app(settings), **options)
+    uvicorn.run(freeze_after_startup(create_app(settings)), **options)
+
+
+def served_app() -> ASGIApp:
+    """The app factory of each `mora serve --workers N` process (settings from the
+    environment, as the parent read them)."""
+    from mora_graphql.app import create_app
+
+    return freeze_after_startup(create_app())
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:

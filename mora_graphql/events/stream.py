@@ -47,7 +47,7 @@ def terminal_event(row: VideoSession) -> SessionEvent:
     )
 
 
-def _superseded(events: list[SessionEvent], stored_last: int = 0) -> list[SessionEvent]:
+def superseded(events: list[SessionEvent], stored_last: int = 0) -> list[SessionEvent]:
     """A terminal event followed by a later run's events (a retry) does not end a replay:
     it is delivered, with its seq, as the status change it was."""
     newest = max(stored_last, events[-1].seq if events else 0)
@@ -59,7 +59,9 @@ def _superseded(events: list[SessionEvent], stored_last: int = 0) -> list[Sessio
     ]
 
 
-async def _load(db: Database, session_id: uuid.UUID, owner_id: uuid.UUID | None) -> VideoSession:
+async def load_visible(
+    db: Database, session_id: uuid.UUID, owner_id: uuid.UUID | None
+) -> VideoSession:
     async with db() as session:
         row = await SessionRepository(session).get_visible(session_id, owner_id)
     if row is None:
@@ -92,6 +94,51 @@ async def follow_session(
             SUBSCRIPTIONS.dec()
 
 
+@dataclass(slots=True)
+class Start:
+    """Where the start of a subscription left off: the last `seq` sent, and whether it ended."""
+
+    last: int = -1
+    ended: bool = False
+
+
+async def session_start(
+    db: Database,
+    bus: EventBus,
+    session_id: uuid.UUID,
+    *,
+    owner_id: uuid.UUID | None,
+    after_seq: int | None,
+    start: Start,
+) -> AsyncIterator[Snapshot | SessionEvent]:
+    """The per-subscriber start of a follow: a snapshot of the row visible to `owner_id`, or
+    the retained events after `after_seq`. Raises NotFound before yielding anything. Live
+    events come after, from `start.last` on, unless `start.ended`."""
+    row = await load_visible(db, session_id, owner_id)
+    replayed = await bus.replay(session_id, after_seq) if after_seq is not None else None
+    if replayed is not None:
+        replayed = superseded(replayed, row.last_seq)
+    if replayed is not None and after_seq is not None:
+        reach = replayed[-1].seq if replayed else after_seq
+        if reach < row.last_seq:
+            replayed = None
+    if after_seq is not None and replayed is not None:
+        start.last = after_seq
+        for old in replayed:
+            yield old
+            start.last = old.seq
+            if old.is_terminal:
+                start.ended = True
+                return
+        if row.status.is_terminal and start.last >= row.last_seq:
+            start.ended = True
+    else:
+        for item in snapshot(row):
+            yield item
+        start.ended = row.status.is_terminal
+        start.last = row.last_seq
+
+
 async def _follow(
     db: Database,
     bus: EventBus,
@@ -101,30 +148,14 @@ async def _follow(
     after_seq: int | None,
     idle_timeout: float,
 ) -> AsyncIterator[Snapshot | SessionEvent]:
-    row = await _load(db, session_id, owner_id)
-    last = -1
-    replayed = await bus.replay(session_id, after_seq) if after_seq is not None else None
-    if replayed is not None:
-        replayed = _superseded(replayed, row.last_seq)
-    if replayed is not None and after_seq is not None:
-        reach = replayed[-1].seq if replayed else after_seq
-        if reach < row.last_seq:
-            replayed = None
-    if after_seq is not None and replayed is not None:
-        last = after_seq
-        for old in replayed:
-            yield old
-            last = old.seq
-            if old.is_terminal:
-                return
-        if row.status.is_terminal and last >= row.last_seq:
-            return
-    else:
-        for item in _snapshot(row):
-            yield item
-        if row.status.is_terminal:
-            return
-        last = row.last_seq
+    start = Start()
+    async for item in session_start(
+        db, bus, session_id, owner_id=owner_id, after_seq=after_seq, start=start
+    ):
+        yield item
+    if start.ended:
+        return
+    last = start.last
 
     while True:
         event = await subscriber.get(idle_timeout)
@@ -133,10 +164,10 @@ async def _follow(
         if event is None or event.seq > last + 1:
             reason = "gap" if event is not None else ("lagging" if subscriber.lagging else "idle")
             SUBSCRIBER_CATCH_UPS.labels(reason).inc()
-            async for item, seq in _catch_up(db, bus, subscriber, session_id, owner_id, last):
+            async for item, seq in catch_up(db, bus, subscriber, session_id, owner_id, last):
                 yield item
                 last = seq
-                if _is_end(item):
+                if is_end(item):
                     return
             continue
         yield event
@@ -145,18 +176,18 @@ async def _follow(
             return
 
 
-def _is_end(item: Snapshot | SessionEvent) -> bool:
+def is_end(item: Snapshot | SessionEvent) -> bool:
     return isinstance(item, SessionEvent) and item.is_terminal
 
 
-def _snapshot(row: VideoSession) -> list[Snapshot | SessionEvent]:
+def snapshot(row: VideoSession) -> list[Snapshot | SessionEvent]:
     """The stored state; a finished session's snapshot is followed by its terminal event."""
     if row.status.is_terminal:
         return [Snapshot(max(row.last_seq - 1, 0), row, utcnow()), terminal_event(row)]
     return [Snapshot(row.last_seq, row, utcnow())]
 
 
-async def _catch_up(
+async def catch_up(
     db: Database,
     bus: EventBus,
     subscriber: Subscriber,
@@ -171,31 +202,31 @@ async def _catch_up(
     subscriber.reset()
     events = await bus.replay(session_id, last)
     if events is not None:
-        events = _superseded(events)
+        events = superseded(events)
     for event in events or ():
         yield event, event.seq
         last = event.seq
         if event.is_terminal:
             return
-    row = await _load(db, session_id, owner_id)
+    row = await load_visible(db, session_id, owner_id)
     if events is None:
-        for item in _snapshot(row):
+        for item in snapshot(row):
             if item.seq > last:
                 yield item, item.seq
                 last = item.seq
-                if _is_end(item):
+                if is_end(item):
                     return
     if not row.status.is_terminal:
         return
     if row.last_seq > last + 1 and events is not None:
         # The run finished while we read: its last events are normally in the log by now.
-        for event in _superseded(await bus.replay(session_id, last) or [], row.last_seq):
+        for event in superseded(await bus.replay(session_id, last) or [], row.last_seq):
             yield event, event.seq
             last = event.seq
             if event.is_terminal:
                 return
     if row.last_seq > last + 1:
-        for item in _snapshot(row):
+        for item in snapshot(row):
             yield item, item.seq
     elif row.last_seq == last + 1:
         yield terminal_event(row), row.last_seq

@@ -38,6 +38,7 @@ from mora_graphql.errors import MoraError
 from mora_graphql.graphql.context import Context, GraphQLDeps
 from mora_graphql.graphql.persisted import PersistedQueryError
 from mora_graphql.graphql.response_cache import current_recorder
+from mora_graphql.graphql.streams import HTTPSubscription, is_subscription, stream_protocol
 from mora_graphql.graphql.websocket import (
     LegacyWSHandler,
     LimitedWebSocketAdapter,
@@ -55,8 +56,10 @@ _STATUS_CODES = {
 }
 SUBSCRIPTION_TRANSPORTS = {
     "websocket": f"WebSocket ({GRAPHQL_TRANSPORT_WS_PROTOCOL} or {GRAPHQL_WS_PROTOCOL})",
-    "multipart-subscription": 'multipart HTTP (Accept: multipart/mixed;subscriptionSpec="1.0")',
-    "sse": "graphql-sse (Accept: text/event-stream)",
+    "multipart-subscription": (
+        "multipart HTTP (POST with Accept: multipart/mixed;subscriptionSpec=1.0)"
+    ),
+    "sse": "graphql-sse (POST with Accept: text/event-stream)",
 }
 
 
@@ -157,6 +160,7 @@ class MoraGraphQL(GraphQL[Context, None]):
         deps_ref: Callable[[], GraphQLDeps],
         *,
         max_ws_message_bytes: int = 0,
+        stream_heartbeat: float | None = None,
         ide_page: Callable[[], str] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -164,6 +168,7 @@ class MoraGraphQL(GraphQL[Context, None]):
         self._deps = deps_ref
         self._ide_page = ide_page
         self.max_ws_message_bytes = max_ws_message_bytes
+        self.stream_heartbeat = stream_heartbeat
 
     @property
     def graphql_ide_html(self) -> str:
@@ -176,6 +181,8 @@ class MoraGraphQL(GraphQL[Context, None]):
             await super().__call__(scope, receive, send)
             return
         request = Request(scope, receive=receive)
+        if await self._streamed(request, scope, receive, send):
+            return
         response: Response
         try:
             response = cast("Response", await self.run(request))
@@ -185,6 +192,31 @@ class MoraGraphQL(GraphQL[Context, None]):
             code = _STATUS_CODES.get(exc.status_code, "BAD_REQUEST")
             response = self.error_response(request, RequestError(exc.status_code, exc.reason, code))
         await response(scope, receive, send)
+
+    async def _streamed(self, request: Request, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Serve a subscription POSTed with a streaming Accept header (multipart or
+        graphql-sse) as a stream; False leaves the request to the normal path."""
+        protocol = stream_protocol(request.headers.get("accept"))
+        if protocol is None or request.method != "POST":
+            return False
+        media_type, _ = parse_content_type(request.headers.get("content-type") or "")
+        if media_type != JSON:
+            return False
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, RecursionError):
+            return False
+        max_tokens = self._deps().settings.graphql_max_tokens
+        if not isinstance(body, dict) or not is_subscription(
+            body.get("query"), body.get("operationName"), max_tokens
+        ):
+            return False
+        context = await self.get_context(request, Response())
+        stream = HTTPSubscription(
+            self.schema, context, protocol, body, heartbeat=self.stream_heartbeat
+        )
+        await stream(receive, send)
+        return True
 
     def error_response(self, request: Request, error: RequestError) -> Response:
         media_type = negotiate(request.headers.get("accept")) or JSON
@@ -307,12 +339,7 @@ class MoraGraphQL(GraphQL[Context, None]):
 
     def _refused(self, operation: OperationType, method: str) -> RequestError:
         if operation is OperationType.SUBSCRIPTION:
-            transports = [SUBSCRIPTION_TRANSPORTS["websocket"]]
-            transports += [
-                SUBSCRIPTION_TRANSPORTS[protocol]
-                for protocol in self._stream_transport_map
-                if protocol in SUBSCRIPTION_TRANSPORTS
-            ]
+            transports = list(SUBSCRIPTION_TRANSPORTS.values())
             return RequestError(
                 400,
                 "Subscriptions are not served as a single JSON response; subscribe over "

@@ -21,7 +21,6 @@ from mora_graphql.config import Settings
 from mora_graphql.errors import BadRequest, MoraError
 from mora_graphql.graphql.context import Context
 from mora_graphql.graphql.events import EVENT_TYPES
-from mora_graphql.graphql.fanout import SharedEventExecutionContext
 from mora_graphql.graphql.inputs import SUBSCRIPTION_TRANSPORTS, unusable_text
 from mora_graphql.graphql.limits import (
     CACHE_SIZE,
@@ -178,5 +177,4 @@ def build_schema(settings: Settings) -> strawberry.Schema:
             lambda: MaskUnexpectedErrors(suggestions=suggestions),
         ],
         config=StrawberryConfig(disable_field_suggestions=not suggestions),
-        execution_context_class=SharedEventExecutionContext,
     )

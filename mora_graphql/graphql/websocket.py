@@ -8,6 +8,12 @@
 - When the access token of the connection expires, every running operation receives an
   UNAUTHENTICATED error (then `complete` on the legacy protocol) and the socket closes with
   4401: the client refreshes its token and reconnects, resuming subscriptions with `afterSeq`.
+
+Every operation runs with a `Handoff` as its root value: a `sessionProgress` subscription runs
+its start (snapshot or replay) through Strawberry as usual, then joins its session's feed
+(`feed.py`), which sends it pre-encoded frames; the operation keeps its id and its place in the
+per-connection limit until the terminal event, `complete`/`stop`, or the end of the connection.
+Every other operation takes Strawberry's normal path.
 """
 
 from __future__ import annotations
@@ -29,17 +35,31 @@ from strawberry.http.exceptions import (
 )
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
     BaseGraphQLTransportWSHandler,
+    Operation,
+    _OperationStreamClosed,
 )
 from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWSHandler
+from strawberry.types.execution import PreExecutionError
+from strawberry.utils.aio import aclosing
 
 from mora_graphql.auth.tokens import Principal
 from mora_graphql.errors import RateLimited, Unauthenticated
 from mora_graphql.graphql.context import Context
+from mora_graphql.graphql.feed import (
+    Execute,
+    Handoff,
+    Member,
+    Writer,
+    group_key,
+    shared_execution,
+)
+from mora_graphql.graphql.frames import LEGACY_WS, TRANSPORT_WS, Frames
 from mora_graphql.graphql.persisted import is_persisted_payload
 from mora_graphql.ratelimit import SUBSCRIPTION_RETRY_AFTER
 
 if TYPE_CHECKING:
     from strawberry.http.async_base_view import AsyncWebSocketAdapter
+    from strawberry.schema import BaseSchema
     from strawberry.subscriptions.protocols.graphql_transport_ws.types import (
         Message as TransportMessage,
     )
@@ -136,6 +156,9 @@ class LimitedWebSocketAdapter(ASGIWebSocketAdapter):
                 raise NonJsonMessageReceived from exc
             yield message
 
+    async def send_text(self, text: str) -> None:
+        await self.ws.send_text(text)
+
     async def close(self, code: int, reason: str) -> None:
         """Close once; the reason is cut to the 123 bytes a close frame can carry."""
         if self.ws.application_state != WebSocketState.DISCONNECTED:
@@ -149,7 +172,7 @@ class _ExpiryMixin:
 
     context: Context
     websocket: AsyncWebSocketAdapter
-    _expiry_task: asyncio.Task[None] | None
+    _expiry: asyncio.TimerHandle | asyncio.Task[None] | None
 
     def _principal(self) -> Principal | None:
         try:
@@ -158,20 +181,24 @@ class _ExpiryMixin:
             return None
 
     def _watch_expiry(self) -> None:
+        """A timer, not a sleeping task: an idle connection should cost little memory."""
         self._cancel_expiry()
         principal = self._principal()
         if principal is not None:
-            self._expiry_task = asyncio.create_task(self._expire_at(principal.expires_at))
+            delay = (principal.expires_at - dt.datetime.now(dt.UTC)).total_seconds()
+            loop = asyncio.get_running_loop()
+            self._expiry = loop.call_later(max(0.0, delay), self._expired)
+
+    def _expired(self) -> None:
+        self._expiry = asyncio.ensure_future(self._expire())
 
     def _cancel_expiry(self) -> None:
-        task = getattr(self, "_expiry_task", None)
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-        self._expiry_task = None
+        expiry = getattr(self, "_expiry", None)
+        if expiry is not None and expiry is not asyncio.current_task():
+            expiry.cancel()
+        self._expiry = None
 
-    async def _expire_at(self, moment: dt.datetime) -> None:
-        delay = (moment - dt.datetime.now(dt.UTC)).total_seconds()
-        await asyncio.sleep(max(0.0, delay))
+    async def _expire(self) -> None:
         error = Unauthenticated("The access token has expired; reconnect with a new one.")
         try:
             await self._end_operations(_error(error))
@@ -183,9 +210,94 @@ class _ExpiryMixin:
         raise NotImplementedError
 
 
-class TransportWSHandler(_ExpiryMixin, BaseGraphQLTransportWSHandler["Context", None]):
+class _FeedMixin:
+    """Joins `sessionProgress` subscriptions to their session's feed once their start is sent."""
+
+    context: Context
+    websocket: AsyncWebSocketAdapter
+    schema: BaseSchema
+    protocol: str
+    _writer: Writer | None
+    _members: dict[str, tuple[Member, Handoff]]
+
+    def _feed_members(self) -> dict[str, tuple[Member, Handoff]]:
+        members = getattr(self, "_members", None)
+        if members is None:
+            members = self._members = {}
+        return members
+
+    def _connection_writer(self) -> Writer:
+        writer = getattr(self, "_writer", None)
+        if writer is None:
+            adapter = cast("LimitedWebSocketAdapter", self.websocket)
+            limit = self.context.deps.settings.subscriber_buffer
+            writer = self._writer = Writer(adapter.send_text, limit)
+        return writer
+
+    def _shared_execution(
+        self, query: str, variables: dict[str, Any] | None, operation_name: str | None
+    ) -> Execute:
+        """Runs the document on one event for a whole group of subscribers. Its context has no
+        principal: nothing in a shared result can depend on who is asking (see feed.py)."""
+        return shared_execution(self.schema, self.context, query, variables, operation_name)
+
+    def _join_feed(
+        self,
+        handoff: Handoff,
+        operation_id: str,
+        query: str,
+        variables: dict[str, Any] | None,
+        operation_name: str | None,
+    ) -> None:
+        feed = handoff.feed
+        assert feed is not None
+        members = self._feed_members()
+
+        def on_end(member: Member, completed: bool) -> None:
+            entry = members.get(operation_id)
+            if entry is not None and entry[0] is member:
+                del members[operation_id]
+                entry[1].release()
+                if completed:
+                    self._forget_operation(operation_id)
+
+        member = feed.join(
+            group_key(query, operation_name, variables),
+            lambda: self._shared_execution(query, variables, operation_name),
+            Frames(self.protocol, operation_id),
+            self._connection_writer(),
+            handoff.start.last,
+            on_end,
+        )
+        if member.attached:
+            members[operation_id] = (member, handoff)
+        else:
+            handoff.release()
+
+    def _leave_feed(self, operation_id: str) -> bool:
+        entry = self._feed_members().get(operation_id)
+        if entry is None:
+            return False
+        entry[0].detach()
+        return True
+
+    def _leave_all(self) -> None:
+        for operation_id in list(self._feed_members()):
+            self._leave_feed(operation_id)
+
+    def _close_writer(self) -> None:
+        writer = getattr(self, "_writer", None)
+        if writer is not None:
+            writer.close()
+
+    def _forget_operation(self, operation_id: str) -> None:
+        raise NotImplementedError
+
+
+class TransportWSHandler(_ExpiryMixin, _FeedMixin, BaseGraphQLTransportWSHandler["Context", None]):
     """graphql-transport-ws (the `graphql-ws` npm library)."""
 
+    protocol = TRANSPORT_WS
     _operation_types = frozenset({"subscribe"})
     _id_types = frozenset({"complete"})
 
@@ -204,8 +316,10 @@ class TransportWSHandler(_ExpiryMixin, BaseGraphQLTransportWSHandler["Context", 
 
     async def handle_connection_init(self, message: Any) -> None:
         await super().handle_connection_init(message)
-        if self.connection_acknowledged and getattr(self, "_expiry_task", None) is None:
+        if self.connection_acknowledged and getattr(self, "_expiry", None) is None:
             self._watch_expiry()
+            # The cancelled init-timeout task (and what its exception holds) is not needed.
+            self.connection_init_timeout_task = None
 
     async def handle_subscribe(self, message: Any) -> None:
         limit = self.max_subscriptions_per_connection
@@ -222,11 +336,65 @@ class TransportWSHandler(_ExpiryMixin, BaseGraphQLTransportWSHandler["Context", 
             return
         await super().handle_subscribe(message)
 
+    async def run_operation(self, operation: Operation[Context, None]) -> None:
+        """Strawberry's, with a `Handoff` root value: a `sessionProgress` subscription joins
+        its session's feed after its start instead of completing."""
+        handoff = Handoff()
+        joined = False
+        try:
+            result_source = await self.schema.stream(
+                operation.query,
+                variable_values=operation.variables,
+                context_value=self.context,
+                root_value=handoff,
+                operation_name=operation.operation_name,
+            )
+            async with aclosing(result_source):
+                await self._send_result_stream(operation, result_source)
+            if (
+                handoff.continues
+                and self.operations.get(operation.id) is operation
+                and not operation.completed
+            ):
+                self._join_feed(
+                    handoff,
+                    operation.id,
+                    operation.query,
+                    operation.variables,
+                    operation.operation_name,
+                )
+                joined = True
+                return
+            await operation.send_operation_message({"id": operation.id, "type": "complete"})
+        except _OperationStreamClosed:
+            return
+        except Exception as error:  # pragma: no cover
+            await self.handle_task_exception(error)
+            with suppress(Exception):
+                await operation.send_operation_message({"id": operation.id, "type": "complete"})
+            self.operations.pop(operation.id, None)
+            raise
+        finally:
+            if not joined:
+                handoff.release()
+
+    def _forget_operation(self, operation_id: str) -> None:
+        operation = self.operations.pop(operation_id, None)
+        if operation is not None:
+            operation.completed = True
+
+    async def cleanup_operation(self, operation_id: str) -> None:
+        self._leave_feed(operation_id)
+        await super().cleanup_operation(operation_id)
+
     async def shutdown(self) -> None:
         self._cancel_expiry()
         await super().shutdown()
+        self._leave_all()
+        self._close_writer()
 
     async def _end_operations(self, error: GraphQLError) -> None:
+        self._leave_all()
         for operation in list(self.operations.values()):
             task = operation.task
             await operation.send_initial_errors([error])
@@ -234,9 +402,10 @@ class TransportWSHandler(_ExpiryMixin, BaseGraphQLTransportWSHandler["Context", 
                 task.cancel()
 
 
-class LegacyWSHandler(_ExpiryMixin, BaseGraphQLWSHandler["Context", None]):
+class LegacyWSHandler(_ExpiryMixin, _FeedMixin, BaseGraphQLWSHandler["Context", None]):
     """The legacy graphql-ws protocol (subscriptions-transport-ws)."""
 
+    protocol = LEGACY_WS
     _operation_types = frozenset({"start"})
     _id_types = frozenset({"stop"})
     _known = frozenset({"connection_init", "connection_terminate", "start", "stop"})
@@ -262,7 +431,9 @@ class LegacyWSHandler(_ExpiryMixin, BaseGraphQLWSHandler["Context", None]):
                 self.keep_alive_task.cancel()
                 with suppress(BaseException):
                     await self.keep_alive_task
+            self._leave_all()
             await self.cleanup()
+            self._close_writer()
 
     async def _init_timeout(self) -> None:
         seconds = self.context.deps.settings.ws_connection_init_timeout
@@ -306,7 +477,62 @@ class LegacyWSHandler(_ExpiryMixin, BaseGraphQLWSHandler["Context", None]):
             return
         await super().handle_start(message)
 
+    async def handle_async_results(
+        self,
+        operation_id: str,
+        query: str,
+        operation_name: str | None,
+        variables: dict[str, object] | None,
+    ) -> None:
+        """Strawberry's, with a `Handoff` root value (see TransportWSHandler.run_operation)."""
+        handoff = Handoff()
+        joined = False
+        try:
+            result_source = await self.schema.subscribe(
+                query=query,
+                variable_values=variables,
+                operation_name=operation_name,
+                context_value=self.context,
+                root_value=handoff,
+            )
+            self.subscriptions[operation_id] = result_source
+            is_first_result = True
+            async for result in result_source:
+                if is_first_result and isinstance(result, PreExecutionError):
+                    assert result.errors
+                    await self.send_message(
+                        {"type": "error", "id": operation_id, "payload": result.errors[0].formatted}
+                    )
+                    return
+                await self.send_data_message(result, operation_id)
+                is_first_result = False
+            if handoff.continues and self.tasks.get(operation_id) is asyncio.current_task():
+                self.subscriptions.pop(operation_id, None)
+                self._join_feed(handoff, operation_id, query, variables, operation_name)
+                joined = True
+                return
+            await self.send_message({"type": "complete", "id": operation_id})
+        except asyncio.CancelledError:
+            await self.send_message({"type": "complete", "id": operation_id})
+        finally:
+            if not joined:
+                handoff.release()
+                self.subscriptions.pop(operation_id, None)
+                if self.tasks.get(operation_id) is asyncio.current_task():
+                    del self.tasks[operation_id]
+
+    def _forget_operation(self, operation_id: str) -> None:
+        self.tasks.pop(operation_id, None)
+
+    async def cleanup_operation(self, operation_id: str) -> None:
+        if self._leave_feed(operation_id):
+            self.tasks.pop(operation_id, None)
+            self._connection_writer().push(Frames(LEGACY_WS, operation_id).complete)
+            return
+        await super().cleanup_operation(operation_id)
+
     async def _end_operations(self, error: GraphQLError) -> None:
+        self._leave_all()
         for operation_id in list(self.tasks):
             self._ended.add(operation_id)  # its task sends nothing more (not even `complete`)
             self.subscriptions.pop(operation_id, None)

@@ -21,7 +21,7 @@ from mora_graphql.auth.tokens import Principal
 from mora_graphql.db import Database, after_commit
 from mora_graphql.errors import BadUserInput, Conflict, NotFound
 from mora_graphql.events.bus import EventBus, Published
-from mora_graphql.events.stream import Snapshot, follow_session
+from mora_graphql.events.stream import Snapshot, Start, follow_session, session_start
 from mora_graphql.events.types import SessionEvent
 from mora_graphql.jobs.base import JobQueue
 from mora_graphql.languages import SUPPORTED_LANGUAGES, normalize_language
@@ -247,15 +247,25 @@ class SessionService:
         return await SessionRepository(session).delete(row.id)
 
     def follow(
-        self, session_id: str, after_seq: int | None
+        self, session_id: str, after_seq: int | None, *, start: Start | None = None
     ) -> AsyncIterator[Snapshot | SessionEvent]:
         """The session's snapshot and events for its owner (or an admin); NotFound otherwise,
-        raised on the first read so that absent and foreign sessions look the same."""
-        if after_seq is not None and after_seq < 0:
-            raise BadUserInput("afterSeq must not be negative.", extensions={"field": "afterSeq"})
-        ident = parse_id(session_id)
-        if ident is None:
-            raise NotFound("Session not found.")
+        raised on the first read so that absent and foreign sessions look the same.
+
+        With `start`, only the per-subscriber start (the snapshot, or the retained events
+        after `after_seq`) is yielded and `start` records where it left off: the caller
+        delivers the live events itself (a session feed, subscribed to the bus before the
+        first read)."""
+        ident = self.followed_id(session_id, after_seq)
+        if start is not None:
+            return session_start(
+                self.deps.db,
+                self.deps.bus,
+                ident,
+                owner_id=self._owner_filter,
+                after_seq=after_seq,
+                start=start,
+            )
         return follow_session(
             self.deps.db,
             self.deps.bus,
@@ -263,3 +273,13 @@ class SessionService:
             owner_id=self._owner_filter,
             after_seq=after_seq,
         )
+
+    @staticmethod
+    def followed_id(session_id: str, after_seq: int | None) -> uuid.UUID:
+        """The id of a session to follow; BadUserInput/NotFound for unusable arguments."""
+        if after_seq is not None and after_seq < 0:
+            raise BadUserInput("afterSeq must not be negative.", extensions={"field": "afterSeq"})
+        ident = parse_id(session_id)
+        if ident is None:
+            raise NotFound("Session not found.")
+        return ident

@@ -169,6 +169,8 @@ async def test_subscription_over_plain_post_names_the_transports(
     assert codes(body) == ["OPERATION_NOT_ALLOWED"]
     message = body["errors"][0]["message"]
     assert "graphql-transport-ws" in message and "graphql-ws" in message
+    assert "multipart/mixed;subscriptionSpec=1.0" in message
+    assert "graphql-sse" in message and "text/event-stream" in message
 
 
 async def test_operation_name_that_matches_nothing_is_a_request_error(live: LiveServer) -> None:
