@@ -162,7 +162,7 @@ async def test_a_subscription_posted_as_a_plain_request_names_the_transports(
     assert response.status_code == 400, response.text
     assert only_code(response) == "OPERATION_NOT_ALLOWED"
     message = response.json()["errors"][0]["message"]
-    for transport in ("graphql-transport-ws", "graphql-ws", "multipart", "SSE"):
+    for transport in ("graphql-transport-ws", "graphql-ws", "multipart", "graphql-sse"):
         assert transport in message
     # Queries and mutations are unaffected.
     me = await live.gql("{ me { email } }", token=token)
