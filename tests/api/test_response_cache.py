@@ -152,12 +152,16 @@ async def test_a_running_session_is_never_cached(live: LiveServer) -> None:
 async def test_results_with_errors_and_mutations_are_not_cached(live: LiveServer) -> None:
     token = await live.register()
     sid = await insert(live, await owner_of(live, token), SessionStatus.COMPLETED, "v1")
-    bad = "query($id: ID!) { session(id: $id) { generatedCode } sessions(first: 0) { pageInfo { hasNextPage } } }"
-    first = await live.gql(bad, {"id": sid}, token)
+    # One failing field: a failing sibling would cancel the session read mid-flight.
+    bad = "query($id: ID!) { session(id: $id) { generatedCode } }"
+    missing = "00000000-0000-0000-0000-000000000000"
+    failing = "{ sessions(first: 0) { pageInfo { hasNextPage } } }"
+    first = await live.gql(failing, token=token)
     assert first["errors"] and first["data"] is None
     await set_code(live, sid, "v2")
     assert await code_of(live, token, sid) == "v2"
-    assert await live.gql(bad, {"id": sid}, token) == first
+    assert await live.gql(failing, token=token) == first
+    assert (await live.gql(bad, {"id": missing}, token))["data"]["session"] is None
     retry = "mutation($id: ID!) { retrySession(id: $id) { id } }"
     assert (await live.gql(retry, {"id": sid}, token))["errors"][0]["extensions"][
         "code"

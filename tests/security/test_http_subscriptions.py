@@ -120,7 +120,8 @@ async def test_per_user_limit_and_heartbeats_and_live_events(
                 stage=None,
                 progress=0.5,
                 text="x = 1\n" if seq == 1 else None,
-            )
+            ),
+            attempt=1,
         )
     await asyncio.wait_for(asyncio.gather(*followers), 10)
     for results in received:
@@ -195,8 +196,8 @@ async def test_a_stalled_reader_does_not_hold_up_another(
     chunk = "x" * 65_536
     count = 200  # about 13 MB: more than the stalled connection's socket buffers hold
     for seq in range(1, count + 1):
-        await bus.publish(delta(session_id, seq, chunk, EventKind.CODE_DELTA))
-    await bus.publish(delta(session_id, count + 1, None, EventKind.COMPLETED))
+        await bus.publish(delta(session_id, seq, chunk, EventKind.CODE_DELTA), attempt=1)
+    await bus.publish(delta(session_id, count + 1, None, EventKind.COMPLETED), attempt=1)
     await asyncio.wait_for(follower, 30)
     assert [event["seq"] for event in received] == list(range(count + 2))
     assert received[-1]["__typename"] == "SessionCompleted"

@@ -74,9 +74,9 @@ async def test_shared_bytes_reach_only_those_allowed(live: LiveServer, accounts:
     assert (await next_message(stranger))["type"] == "complete"
 
     bus = live.services.bus
-    await bus.publish(event(session_id, 1, EventKind.CODE_DELTA, "print('é')\n"))
-    await bus.publish(event(session_id, 2, EventKind.THOUGHT_DELTA, "thinking"))
-    await bus.publish(event(session_id, 3, EventKind.COMPLETED))
+    await bus.publish(event(session_id, 1, EventKind.CODE_DELTA, "print('é')\n"), attempt=1)
+    await bus.publish(event(session_id, 2, EventKind.THOUGHT_DELTA, "thinking"), attempt=1)
+    await bus.publish(event(session_id, 3, EventKind.COMPLETED), attempt=1)
 
     received = {
         name: [await asyncio.wait_for(ws.recv(), 10) for _ in range(4)]
