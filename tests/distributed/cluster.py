@@ -26,7 +26,7 @@ import websockets
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from tests.conftest import SECRET, TEST_DATABASE_URL, unavailable
+from tests.conftest import SECRET, unavailable
 from tests.distributed.test_topology import Cluster, free_port, wait_ready
 from tests.fakes.fixtures import OPENAI_TEST_KEY
 from tests.wsclient import SubscriptionError, connect, subscribe
@@ -58,22 +58,6 @@ mutation($url: String!, $s: String) {
 
 def sync_url(database: str) -> str:
     return make_url(database).set(drivername="postgresql+psycopg").render_as_string(False)
-
-
-def fresh_database(suffix: str) -> str:
-    """A new, empty database named after TEST_DATABASE_URL's plus `suffix`."""
-    base = make_url(TEST_DATABASE_URL)
-    url = base.set(database=f"{base.database}_{suffix}")
-    admin_url = url.set(drivername="postgresql+psycopg", database="postgres")
-    try:
-        admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
-            conn.execute(text(f'CREATE DATABASE "{url.database}"'))
-        admin.dispose()
-    except Exception as exc:
-        unavailable(f"PostgreSQL not reachable: {type(exc).__name__}: {exc}")
-    return url.render_as_string(hide_password=False)
 
 
 def sql(database: str, statement: str, params: dict[str, Any] | None = None) -> list[Any]:

@@ -20,7 +20,6 @@ from tests.distributed.cluster import (
     create_session,
     dumped_on_failure,
     follow,
-    fresh_database,
     gql,
     mora_env,
     register,
@@ -28,6 +27,7 @@ from tests.distributed.cluster import (
     video_url,
     wait_settled,
 )
+from tests.distributed.databases import fresh_database
 from tests.fakes.fixtures import OPENAI_TEST_KEY
 from tests.fakes.openai_server import JSON, FakeOpenAI, Script, Stream
 from tests.wsclient import LEGACY_WS, TRANSPORT_WS

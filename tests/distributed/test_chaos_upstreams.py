@@ -23,13 +23,13 @@ from tests.distributed.cluster import (
     RedisServer,
     create_session,
     dumped_on_failure,
-    fresh_database,
     mora_env,
     register,
     sql,
     video_url,
     wait_settled,
 )
+from tests.distributed.databases import fresh_database
 from tests.fakes.bibigpt_server import (
     API_KEY,
     BibiScript,

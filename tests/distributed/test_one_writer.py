@@ -17,8 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from redis.asyncio import Redis
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from mora_graphql.events.types import EventKind, SessionEvent
@@ -26,13 +25,12 @@ from mora_graphql.jobs.procrastinate_queue import ProcrastinateQueue, build_app,
 from mora_graphql.runtime import build_runtime
 from tests.conftest import (
     SECRET,
-    TEST_DATABASE_URL,
     LiveServer,
     _truncate,
     make_settings,
     start_server,
-    unavailable,
 )
+from tests.distributed.databases import fresh_database
 from tests.distributed.test_topology import (
     ROOT,
     SRT,
@@ -220,18 +218,7 @@ async def _race(live: LiveServer, database: str, redis_url: str, fake: FakeOpenA
 @pytest.fixture
 def own_database() -> str:
     """A fresh database of this test's own (the workers' job queue included)."""
-    url = make_url(TEST_DATABASE_URL)
-    url = url.set(database=f"{url.database}_one_writer")
-    admin_url = url.set(drivername="postgresql+psycopg", database="postgres")
-    try:
-        admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
-            conn.execute(text(f'CREATE DATABASE "{url.database}"'))
-        admin.dispose()
-    except Exception as exc:
-        unavailable(f"PostgreSQL not reachable: {type(exc).__name__}: {exc}")
-    return url.render_as_string(hide_password=False)
+    return fresh_database("one_writer")
 
 
 async def test_a_paused_worker_loses_its_session_to_the_one_that_took_over(

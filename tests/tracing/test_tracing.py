@@ -28,18 +28,15 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from mora_graphql import tracing
 from tests.conftest import (
     SECRET,
-    TEST_DATABASE_URL,
     LiveServer,
     make_settings,
     start_server,
-    unavailable,
 )
+from tests.distributed.databases import fresh_database
 from tests.fakes.bibigpt_server import API_KEY as BIBI_KEY
 from tests.fakes.bibigpt_server import FakeBibiGPT, Subtitles
 from tests.fakes.fixtures import (  # noqa: F401
@@ -398,20 +395,7 @@ def _value(value: Any) -> Any:
 
 @pytest.fixture
 def queue_database() -> str:
-    url = make_url(TEST_DATABASE_URL)
-    url = url.set(database=f"{url.database}_tracing")
-    try:
-        admin = create_engine(
-            url.set(drivername="postgresql+psycopg", database="postgres"),
-            isolation_level="AUTOCOMMIT",
-        )
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
-            conn.execute(text(f'CREATE DATABASE "{url.database}"'))
-        admin.dispose()
-    except Exception as exc:
-        unavailable(f"PostgreSQL not reachable: {type(exc).__name__}: {exc}")
-    return url.render_as_string(hide_password=False)
+    return fresh_database("tracing")
 
 
 @pytest.fixture
