@@ -16,10 +16,11 @@ from mora_graphql.events.bus import EventBus, MemoryEventBus, Published
 from mora_graphql.events.redis_bus import RedisEventBus
 from mora_graphql.events.stream import Snapshot, follow_session
 from mora_graphql.events.types import EventKind, SessionEvent
-from mora_graphql.models import Platform, SessionStatus, User, VideoSession
+from mora_graphql.models import SessionStatus
 from mora_graphql.pipeline.recorder import Pacing, SessionRecorder
 from mora_graphql.sessions.repository import SessionRepository
 from tests.conftest import make_settings
+from tests.rows import new_session
 
 
 @pytest.fixture
@@ -27,23 +28,6 @@ async def db(sqlite_url: str) -> AsyncIterator[Database]:
     engine = create_engine(make_settings(sqlite_url))
     yield create_sessionmaker(engine)
     await engine.dispose()
-
-
-async def new_session(db: Database) -> uuid.UUID:
-    async with transaction(db) as session:
-        user = User(email=f"{uuid.uuid4().hex}@example.com", password_hash="x")
-        session.add(user)
-        await session.flush()
-        row = VideoSession(
-            owner_id=user.id,
-            video_url="https://www.youtube.com/watch?v=dQw4w9WgXcQ",
-            platform=Platform.YOUTUBE,
-            video_id="youtube:dQw4w9WgXcQ",
-            language="python",
-        )
-        session.add(row)
-        await session.flush()
-        return row.id
 
 
 @pytest.fixture(params=["memory", "redis"])

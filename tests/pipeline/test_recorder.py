@@ -13,14 +13,14 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from mora_graphql.db import Database, create_engine, create_sessionmaker, transaction
+from mora_graphql.db import Database, create_engine, create_sessionmaker
 from mora_graphql.events.bus import EventBus, MemoryEventBus, Published
 from mora_graphql.events.redis_bus import RedisEventBus
 from mora_graphql.events.types import EventKind, SessionEvent
-from mora_graphql.models import Platform, SessionStatus, User, VideoSession
+from mora_graphql.models import SessionStatus
 from mora_graphql.pipeline.recorder import Pacing, SessionEnded, SessionRecorder
-from mora_graphql.sessions.repository import SessionRepository
 from tests.conftest import make_settings
+from tests.rows import new_session, row_of
 
 
 @pytest.fixture
@@ -42,30 +42,6 @@ async def bus(request: pytest.FixtureRequest) -> AsyncIterator[EventBus]:
     yield redis_bus
     await redis_bus.close()
     await client.aclose()
-
-
-async def new_session(db: Database) -> uuid.UUID:
-    async with transaction(db) as session:
-        user = User(email=f"{uuid.uuid4().hex}@example.com", password_hash="x")
-        session.add(user)
-        await session.flush()
-        row = VideoSession(
-            owner_id=user.id,
-            video_url="https://www.youtube.com/watch?v=dQw4w9WgXcQ",
-            platform=Platform.YOUTUBE,
-            video_id="youtube:dQw4w9WgXcQ",
-            language="python",
-        )
-        session.add(row)
-        await session.flush()
-        return row.id
-
-
-async def row_of(db: Database, session_id: uuid.UUID) -> VideoSession:
-    async with db() as session:
-        row = await SessionRepository(session).get(session_id)
-    assert row is not None
-    return row
 
 
 async def events_of(bus: EventBus, session_id: uuid.UUID) -> list[SessionEvent]:

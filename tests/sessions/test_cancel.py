@@ -22,16 +22,14 @@ from mora_graphql.jobs.base import JobQueue
 from mora_graphql.jobs.inprocess import InProcessQueue
 from mora_graphql.models import (
     RETRYABLE_STATUSES,
-    Platform,
     Role,
     SessionStatus,
-    User,
-    VideoSession,
 )
 from mora_graphql.pipeline.recorder import SessionRecorder
 from mora_graphql.sessions.repository import SessionRepository
 from mora_graphql.sessions.service import SessionDeps, SessionService
 from tests.conftest import make_settings
+from tests.rows import new_session, row_of
 
 ADMIN = Principal(
     user_id=uuid.uuid4(),
@@ -67,30 +65,6 @@ def service(db: Database, queue: JobQueue, bus: EventBus) -> SessionService:
         db=db, queue=queue, bus=bus, max_video_url_length=2048, max_subtitles_bytes=1_000
     )
     return SessionService(deps, ADMIN)
-
-
-async def new_session(db: Database) -> uuid.UUID:
-    async with transaction(db) as session:
-        user = User(email=f"{uuid.uuid4().hex}@example.com", password_hash="x")
-        session.add(user)
-        await session.flush()
-        row = VideoSession(
-            owner_id=user.id,
-            video_url="https://www.youtube.com/watch?v=dQw4w9WgXcQ",
-            platform=Platform.YOUTUBE,
-            video_id="youtube:dQw4w9WgXcQ",
-            language="python",
-        )
-        session.add(row)
-        await session.flush()
-        return row.id
-
-
-async def row_of(db: Database, session_id: uuid.UUID) -> VideoSession:
-    async with db() as session:
-        row = await SessionRepository(session).get(session_id)
-    assert row is not None
-    return row
 
 
 async def begin(
