@@ -90,6 +90,7 @@ def create_engine(settings: Settings, url: str | None = None) -> AsyncEngine:
         echo=settings.database_echo,
         pool_size=settings.database_pool_size,
         pool_recycle=settings.database_pool_recycle,
+        pool_pre_ping=settings.database_pool_pre_ping,
         json_deserializer=orjson.loads,  # JSONB columns (timelines) decoded several times faster
     )
 

@@ -1,6 +1,11 @@
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
 import strawberry
+from sqlalchemy.ext.asyncio import AsyncSession
 from strawberry.types.nodes import FragmentSpread, InlineFragment, SelectedField, Selection
 
 from mora_graphql.auth.service import AuthService
@@ -20,6 +25,20 @@ from mora_graphql.graphql.types import (
 )
 from mora_graphql.models import SessionStatus
 from mora_graphql.sessions.service import parse_id
+
+T = TypeVar("T")
+
+
+async def _read(info: Info, read: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    """One read on its own pooled connection, shielded: when a sibling field fails, the
+    executor cancels the others, and a read cancelled mid-statement would leave its connection
+    for the garbage collector instead of returning it to the pool."""
+
+    async def run() -> T:
+        async with info.context.deps.reads() as db:
+            return await read(db)
+
+    return await asyncio.shield(asyncio.ensure_future(run()))
 
 
 def _field_names(selections: list[Selection], path: tuple[str, ...]) -> set[str] | None:
@@ -68,8 +87,7 @@ class Query:
                 recorder.forbid()
             else:
                 await recorder.depend(session_tag(ident))
-        async with info.context.deps.reads() as db:
-            row = await service.find(db, id)
+        row = await _read(info, lambda db: service.find(db, id))
         if recorder is not None:
             recorder.saw(row.status if row else None)
         return Session.of(row) if row else None
@@ -98,14 +116,13 @@ class Query:
                 await recorder.depend(list_tag(None if principal.is_admin else principal.user_id))
             else:
                 recorder.forbid()
-        async with info.context.deps.reads() as db:
-            rows, has_next = await service.page(
-                db,
-                first=first,
-                after=cursor,
-                status=status,
-                skip_columns=_unselected_heavy_columns(info),
-            )
+        skip = _unselected_heavy_columns(info)
+        rows, has_next = await _read(
+            info,
+            lambda db: service.page(
+                db, first=first, after=cursor, status=status, skip_columns=skip
+            ),
+        )
         if recorder is not None:
             for row in rows:
                 recorder.saw(row.status)
@@ -125,8 +142,8 @@ class Query:
         recorder = info.context.recorder
         if recorder is not None:
             await recorder.depend(user_tag(principal.user_id))
-        async with info.context.deps.reads() as db:
-            user = await AuthService(db, info.context.deps.settings).current_user(principal)
+        settings = info.context.deps.settings
+        user = await _read(info, lambda db: AuthService(db, settings).current_user(principal))
         if recorder is not None and user is None:
             recorder.forbid()
         return user_type(user) if user else None

@@ -250,6 +250,7 @@ EXPECTED_CODES = {
     "UNSUPPORTED_PLATFORM",
     "GRAPHQL_VALIDATION_FAILED",
     "GRAPHQL_PARSE_FAILED",
+    "OPERATION_NOT_ALLOWED",
 }
 # What h11 lets a client put in a header value: HTAB, visible ASCII and obs-text (latin-1).
 HEADER_TEXT = st.text(
