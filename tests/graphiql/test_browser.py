@@ -175,8 +175,13 @@ async def test_graphiql_offline_query_headers_and_subscription(
     await replace_editor_text(page, QUERY_EDITOR, "{ me { email } }")
     await run(page)
     await wait_for_response(page, '"email": "graphiql@example.com"')
-    stored = await page.evaluate("() => JSON.stringify(Object.assign({}, localStorage))")
-    assert token in stored, "shouldPersistHeaders keeps the headers in localStorage"
+    # GraphiQL writes its storage after a debounce: wait for it rather than read it once.
+    persisted = await page.wait_for_function(
+        "token => JSON.stringify(Object.assign({}, localStorage)).includes(token)",
+        arg=token,
+        timeout=10_000,
+    )
+    assert await persisted.json_value(), "shouldPersistHeaders keeps the headers in localStorage"
 
     # A subscription over graphql-transport-ws, authenticated by the same header.
     openai_server.enqueue(
@@ -192,6 +197,9 @@ async def test_graphiql_offline_query_headers_and_subscription(
     await replace_editor_text(page, QUERY_EDITOR, SUBSCRIPTION.replace("{id}", session_id))
     await page.get_by_label(re.compile("^Prettify")).first.click()
     await page.locator(f"{QUERY_EDITOR} .view-lines", has_text="sessionProgress(").wait_for()
+    # GraphiQL re-parses the document after a debounce; run only once it knows the operation
+    # is a subscription (else it would send it as a plain HTTP request).
+    await page.wait_for_timeout(1_500)
     await run(page)
     seen: dict[int, str] = {}
     deadline = asyncio.get_running_loop().time() + 30
