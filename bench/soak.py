@@ -37,7 +37,6 @@ from tests.distributed.cluster import (  # noqa: E402
     RedisServer,
     create_session,
     follow,
-    fresh_database,
     mora_env,
     register,
     rss_kib,
@@ -45,6 +44,7 @@ from tests.distributed.cluster import (  # noqa: E402
     statuses,
     video_url,
 )
+from tests.distributed.databases import fresh_database  # noqa: E402
 from tests.fakes.fixtures import OPENAI_TEST_KEY  # noqa: E402
 from tests.fakes.openai_server import JSON, FakeOpenAI, Stream  # noqa: E402
 from tests.wsclient import PROTOCOLS  # noqa: E402
