@@ -108,28 +108,35 @@ class Soak:
         await creating
 
     async def _create(self) -> None:
+        """Creates on a fixed schedule, each in its own task, so a slow answer does not lower
+        the rate."""
         interval = 60 / self.args.rate
         clients = [httpx.AsyncClient(base_url=api, timeout=60) for api in self.mora.apis]
+        pending: list[asyncio.Task[None]] = []
         try:
             index = 0
             started = time.monotonic()
             while time.monotonic() < self.deadline:
                 api = index % len(clients)
-                try:
-                    sid = await create_session(
-                        clients[api], self.tokens[api], video_url=video_url(index)
-                    )
-                    self.owners[sid] = self.tokens[api]
-                    self.sessions.append((time.monotonic(), sid))
-                    self.first.set()
-                except (AssertionError, httpx.HTTPError) as exc:
-                    self.failed_creates.append(str(exc)[:200])
+                pending.append(asyncio.create_task(self._create_one(clients[api], api, index)))
                 index += 1
                 await asyncio.sleep(max(0.0, started + index * interval - time.monotonic()))
+            await asyncio.gather(*pending)
         finally:
             self.first.set()
             for client in clients:
                 await client.aclose()
+
+    async def _create_one(self, client: httpx.AsyncClient, api: int, index: int) -> None:
+        try:
+            sid = await create_session(client, self.tokens[api], video_url=video_url(index))
+            self.owners[sid] = self.tokens[api]
+            self.sessions.append((time.monotonic(), sid))
+            self.first.set()
+        except (AssertionError, httpx.HTTPError) as exc:
+            self.failed_creates.append(str(exc)[:200])
+            if index == 0:
+                self.first.set()
 
     async def _subscriber(self, slot: int) -> None:
         rng = random.Random(slot)
