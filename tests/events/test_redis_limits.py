@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -120,8 +121,30 @@ async def test_replay_of_a_long_stream_is_read_in_pages(
     assert not dropped_for_output_buffer(server)
 
 
-def publish_burst(url: str, session_id: uuid.UUID, count: int, go: threading.Event) -> None:
-    """Another process's run: `count` large deltas then the terminal event, published as fast
+@dataclass(frozen=True)
+class Burst:
+    count: int
+    size: int
+    kill_first: bool
+
+
+BURSTS = {
+    # 8 MB while the reader is stalled: Redis drops it for its output buffer.
+    "output-buffer": Burst(count=1_000, size=8_000, kill_first=False),
+    # Dropped (CLIENT KILL) just before a small burst: redis-py reconnects and resubscribes
+    # by itself at the next read, and nothing published later tells of the gap.
+    "killed": Burst(count=50, size=200, kill_first=True),
+}
+
+
+def publish_burst(
+    url: str,
+    session_id: uuid.UUID,
+    burst: Burst,
+    go: threading.Event,
+    sent: threading.Event,
+) -> None:
+    """Another process's run: `burst.count` deltas then the terminal event, published as fast
     as Redis takes them, from its own thread and event loop."""
 
     async def run() -> None:
@@ -129,15 +152,38 @@ def publish_burst(url: str, session_id: uuid.UUID, count: int, go: threading.Eve
         bus = RedisEventBus(redis, retention=10_000)
         try:
             go.wait(10)
-            for seq in range(1, count + 1):
-                published = await bus.publish(event(session_id, seq, delta(seq, 8_000)), attempt=1)
-                assert published is Published.OK
-            ended = event(session_id, count + 1, "", EventKind.COMPLETED)
+            if burst.kill_first:
+                await killed_then_published(redis, bus, session_id, burst)
+                return
+            for seq in range(1, burst.count + 1):
+                text = delta(seq, burst.size)
+                assert await bus.publish(event(session_id, seq, text), attempt=1) is Published.OK
+            ended = event(session_id, burst.count + 1, "", EventKind.COMPLETED)
             assert await bus.publish(ended, attempt=1) is Published.OK
         finally:
+            sent.set()
             await redis.aclose()
 
     asyncio.run(run())
+
+
+async def killed_then_published(
+    redis: Redis, bus: RedisEventBus, session_id: uuid.UUID, burst: Burst
+) -> None:
+    """One MULTI: drop every pub/sub connection, then append and publish the burst and the
+    terminal event, as the bus does (XADD `{seq}-0`, PUBLISH): nobody is subscribed to hear
+    them, and redis-py reconnects and resubscribes the dropped connection by itself."""
+    key = f"{bus.prefix}{session_id}"
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.client_kill_filter(_type="pubsub")
+        for seq in range(1, burst.count + 2):
+            kind = EventKind.COMPLETED if seq > burst.count else EventKind.CODE_DELTA
+            payload = event(session_id, seq, delta(seq, burst.size), kind).to_json()
+            pipe.xadd(key, {"e": payload}, id=f"{seq}-0")
+            pipe.publish(key, payload)
+        replies = await pipe.execute()
+    assert replies[0] >= 1
+    assert not any(replies[2::2])  # nobody heard any of it
 
 
 def rebuilt(items: list[Snapshot | SessionEvent]) -> tuple[list[int], str]:
@@ -150,14 +196,17 @@ def rebuilt(items: list[Snapshot | SessionEvent]) -> tuple[list[int], str]:
     return [item.seq for item in items], code
 
 
-async def test_pubsub_dropped_for_its_output_buffer_loses_nothing(
+@pytest.mark.parametrize("how", list(BURSTS))
+async def test_pubsub_dropped_while_stalled_loses_nothing(
     db: Database,  # noqa: F811
     server: RedisServer,
     client: Redis,
+    how: str,
 ) -> None:
     """Redis drops the API process's pub/sub connection while its event loop is stalled and
-    a burst of 8 MB is published. The bus reconnects and every local subscriber, direct ones
-    and a feed's members, gets every event once, in order, at once (not at an idle check)."""
+    a burst is published. The bus reconnects and every local subscriber, direct ones and a
+    feed's members, gets every event once, in order, at once (not at an idle check)."""
+    burst = BURSTS[how]
     await client.config_set("client-output-buffer-limit", "pubsub 64kb 32kb 1")
     api_redis = Redis.from_url(server.url(), health_check_interval=15)
     api_bus = RedisEventBus(api_redis)
@@ -165,10 +214,9 @@ async def test_pubsub_dropped_for_its_output_buffer_loses_nothing(
     idle = 60.0
     registry = FeedRegistry(db, api_bus, idle_timeout=idle)
     session_id = await new_session(db)
-    go = threading.Event()
-    burst = 1_000
+    go, sent = threading.Event(), threading.Event()
     publisher = threading.Thread(
-        target=publish_burst, args=(server.url(), session_id, burst, go), daemon=True
+        target=publish_burst, args=(server.url(), session_id, burst, go, sent), daemon=True
     )
     try:
         direct: list[list[Snapshot | SessionEvent]] = [[], [], []]
@@ -192,24 +240,29 @@ async def test_pubsub_dropped_for_its_output_buffer_loses_nothing(
         await listening(api_bus, session_id)
         publisher.start()
         go.set()
-        # The API process is stalled (CPU-bound work): its pub/sub replies pile up in Redis.
-        time.sleep(1.5)  # noqa: ASYNC251
+        if burst.kill_first:
+            assert await asyncio.to_thread(sent.wait, 60)
+        else:
+            # The API process is stalled (CPU-bound work) for the whole burst: its pub/sub
+            # replies pile up in Redis, beyond the socket buffers.
+            assert sent.wait(60)
+            time.sleep(0.5)  # noqa: ASYNC251
 
         await asyncio.wait_for(asyncio.gather(*consumers), 20)
         for follower in followers:
             await asyncio.wait_for(follower.done.wait(), 20)
         publisher.join(10)
-        assert dropped_for_output_buffer(server)
+        assert dropped_for_output_buffer(server) is not burst.kill_first
         assert api_bus.reconnects >= 1
 
-        expected_code = "".join(delta(seq, 8_000) for seq in range(1, burst + 1))
+        expected_code = "".join(delta(seq, burst.size) for seq in range(1, burst.count + 1))
         for items in direct:
             seqs, code = rebuilt(items)
-            assert seqs == list(range(0, burst + 2))
+            assert seqs == list(range(0, burst.count + 2))
             assert code == expected_code
         for follower in followers:
             follower.check(expected_code)
-            assert [frame["seq"] for frame in follower.frames] == list(range(0, burst + 2))
+            assert [frame["seq"] for frame in follower.frames] == list(range(burst.count + 2))
     finally:
         go.set()
         await api_bus.close()
