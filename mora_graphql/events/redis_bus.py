@@ -170,7 +170,8 @@ class RedisEventBus:
                 return events
             wanted = self.page if limit is None else min(limit - len(events), self.page)
             try:
-                entries = await self.redis.xrange(key, min=f"{events[-1].seq + 1}-0", count=wanted)
+                after = _seq(entries[-1][0])
+                entries = await self.redis.xrange(key, min=f"{after + 1}-0", count=wanted)
             except RedisError as exc:
                 log.warning("replay unavailable", error=type(exc).__name__)
                 return None
