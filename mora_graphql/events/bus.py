@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
@@ -88,8 +89,11 @@ class EventBus(Protocol):
 
     def subscribe(self, session_id: uuid.UUID) -> AbstractAsyncContextManager[Subscriber]: ...
 
-    async def replay(self, session_id: uuid.UUID, after_seq: int) -> list[SessionEvent] | None:
-        """Retained events with seq > after_seq; None when some of them are no longer kept."""
+    async def replay(
+        self, session_id: uuid.UUID, after_seq: int, *, limit: int | None = None
+    ) -> list[SessionEvent] | None:
+        """Retained events with seq > after_seq, the first `limit` of them (None: all); None
+        when some of them are no longer kept. Long catch-ups read pages (`events.stream`)."""
         ...
 
     async def last_seq(self, session_id: uuid.UUID) -> int: ...
@@ -198,7 +202,9 @@ class MemoryEventBus:
     def subscribe(self, session_id: uuid.UUID) -> AbstractAsyncContextManager[Subscriber]:
         return self._subscription(session_id)
 
-    async def replay(self, session_id: uuid.UUID, after_seq: int) -> list[SessionEvent] | None:
+    async def replay(
+        self, session_id: uuid.UUID, after_seq: int, *, limit: int | None = None
+    ) -> list[SessionEvent] | None:
         events = self._events.get(session_id)
         last = self._last.get(session_id, 0)
         if after_seq > last:
@@ -207,7 +213,7 @@ class MemoryEventBus:
             return []
         if not events or events[0].seq > after_seq + 1:
             return None
-        return [event for event in events if event.seq > after_seq]
+        return list(itertools.islice((e for e in events if e.seq > after_seq), limit))
 
     async def last_seq(self, session_id: uuid.UUID) -> int:
         return self._last.get(session_id, 0)

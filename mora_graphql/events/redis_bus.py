@@ -11,6 +11,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 import structlog
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.connection import Connection
 from redis.exceptions import RedisError
 
 from mora_graphql.events.bus import Published, Subscriber
@@ -20,6 +21,8 @@ from mora_graphql.metrics import EVENTS_PUBLISHED
 log = structlog.get_logger("mora.events")
 
 CONTROL_CHANNEL = "mora:events:control"
+REPLAY_PAGE = 500
+"""Stream entries read per XRANGE (a session keeps up to `EVENT_RETENTION` of them)."""
 
 PUBLISH_SCRIPT = """
 local attempt = tonumber(ARGV[1])
@@ -64,6 +67,7 @@ class RedisEventBus:
         finished_ttl: int = 3_600,
         prefix: str = "mora:events:",
         fence_prefix: str = "mora:fence:",
+        page: int = REPLAY_PAGE,
     ) -> None:
         self.redis = redis
         self.retention = retention
@@ -72,6 +76,7 @@ class RedisEventBus:
         self.finished_ttl = finished_ttl
         self.prefix = prefix
         self.fence_prefix = fence_prefix
+        self.page = page
         self._publish_script = redis.register_script(PUBLISH_SCRIPT)
         self._fence_script = redis.register_script(FENCE_SCRIPT)
         self._subscribers: dict[uuid.UUID, set[Subscriber]] = {}
@@ -133,14 +138,20 @@ class RedisEventBus:
         EVENTS_PUBLISHED.labels(event.kind.value).inc()
         return Published.OK
 
-    async def replay(self, session_id: uuid.UUID, after_seq: int) -> list[SessionEvent] | None:
-        """Events after `after_seq`, or None when the stream cannot give all of them (trimmed,
-        expired, a hole left by a failed XADD, or a client claiming a seq we never reached)."""
+    async def replay(
+        self, session_id: uuid.UUID, after_seq: int, *, limit: int | None = None
+    ) -> list[SessionEvent] | None:
+        """Events after `after_seq` (at most `limit` of them), or None when the stream cannot
+        give all of them (trimmed, expired, a hole left by a failed XADD, or a client claiming
+        a seq we never reached). Read `page` entries per XRANGE: no reply is unbounded."""
         key = self._key(session_id)
+        wanted = self.page if limit is None else min(limit, self.page)
         try:
-            first = await self.redis.xrange(key, count=1)
-            newest = await self.redis.xrevrange(key, count=1)
-            entries = await self.redis.xrange(key, min=f"{after_seq + 1}-0")
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xrange(key, count=1)
+                pipe.xrevrange(key, count=1)
+                pipe.xrange(key, min=f"{after_seq + 1}-0", count=wanted)
+                first, newest, entries = await pipe.execute()
         except RedisError as exc:
             log.warning("replay unavailable", error=type(exc).__name__)
             return None
@@ -148,10 +159,22 @@ class RedisEventBus:
             return [] if after_seq == 0 else None
         if _seq(first[0][0]) > after_seq + 1 or after_seq > _seq(newest[0][0] if newest else None):
             return None
-        events = [SessionEvent.from_json(fields[b"e"]) for _id, fields in entries or [] if fields]
-        if any(event.seq != after_seq + 1 + index for index, event in enumerate(events)):
-            return None
-        return events
+        events: list[SessionEvent] = []
+        while True:
+            page = [SessionEvent.from_json(fields[b"e"]) for _id, fields in entries if fields]
+            expected = after_seq + 1 + len(events)
+            if any(event.seq != expected + index for index, event in enumerate(page)):
+                return None
+            events.extend(page)
+            if len(entries) < wanted or (limit is not None and len(events) >= limit):
+                return events
+            wanted = self.page if limit is None else min(limit - len(events), self.page)
+            try:
+                after = _seq(entries[-1][0])
+                entries = await self.redis.xrange(key, min=f"{after + 1}-0", count=wanted)
+            except RedisError as exc:
+                log.warning("replay unavailable", error=type(exc).__name__)
+                return None
 
     async def last_seq(self, session_id: uuid.UUID) -> int:
         entries = await self.redis.xrevrange(self._key(session_id), count=1)
@@ -211,10 +234,16 @@ class RedisEventBus:
             for subscriber in subscribers:
                 subscriber.resync()
 
+    def _reconnected(self, _connection: Connection) -> None:
+        log.warning("event bus connection re-established; catching up")
+        self.reconnects += 1
+        self._resync_all()
+
     async def _read_forever(self) -> None:
         delay = 0.1
         while not self._closed:
             pubsub = self.redis.pubsub()
+            connection: Connection | None = None
             try:
                 subscribed = set(self._subscribers)
                 await pubsub.subscribe(CONTROL_CHANNEL, *(self._key(s) for s in subscribed))
@@ -222,6 +251,11 @@ class RedisEventBus:
                 joined_meanwhile = set(self._subscribers) - subscribed
                 if joined_meanwhile:
                     await pubsub.subscribe(*(self._key(s) for s in joined_meanwhile))
+                connection = pubsub.connection
+                if connection is not None:
+                    # redis-py may reconnect and resubscribe by itself (its retry policy):
+                    # what was published meanwhile is lost, so catch up as after our own.
+                    connection.register_connect_callback(self._reconnected)
                 self._connected.set()
                 self._resync_all()
                 delay = 0.1
@@ -232,6 +266,8 @@ class RedisEventBus:
             except (RedisError, OSError) as exc:
                 log.warning("event bus connection lost; reconnecting", error=type(exc).__name__)
             finally:
+                if connection is not None:
+                    connection.deregister_connect_callback(self._reconnected)  # type: ignore[no-untyped-call]
                 self._pubsub = None
                 self._connected.clear()
                 with contextlib.suppress(Exception):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 from mora_graphql.db import Database, utcnow
@@ -57,6 +58,33 @@ def superseded(events: list[SessionEvent], stored_last: int = 0) -> list[Session
         else event
         for event in events
     ]
+
+
+REPLAY_PAGE = 500
+"""Events read from the bus at a time by a replay or catch-up (bounds its memory)."""
+
+
+async def replay_pages(
+    bus: EventBus, session_id: uuid.UUID, after_seq: int, stored_last: int = 0
+) -> AsyncGenerator[list[SessionEvent] | None]:
+    """The retained events after `after_seq`, a page at a time (`superseded` applied across
+    pages). The first page comes always, possibly empty; None, last, when the events after the
+    ones given are no longer retained (never kept, or trimmed while being read)."""
+    page = await bus.replay(session_id, after_seq, limit=REPLAY_PAGE)
+    if page is None or not page:
+        yield page
+        return
+    while True:
+        following: list[SessionEvent] | None = []
+        if len(page) >= REPLAY_PAGE:
+            following = await bus.replay(session_id, page[-1].seq, limit=REPLAY_PAGE)
+        after = following[0].seq if following else 0
+        yield superseded(page, max(stored_last, after))
+        if not following:
+            if following is None:
+                yield None
+            return
+        page = following
 
 
 async def load_visible(
@@ -115,28 +143,38 @@ async def session_start(
     the retained events after `after_seq`. Raises NotFound before yielding anything. Live
     events come after, from `start.last` on, unless `start.ended`."""
     row = await load_visible(db, session_id, owner_id)
-    replayed = await bus.replay(session_id, after_seq) if after_seq is not None else None
-    if replayed is not None:
-        replayed = superseded(replayed, row.last_seq)
-    if replayed is not None and after_seq is not None:
-        reach = replayed[-1].seq if replayed else after_seq
-        if reach < row.last_seq:
-            replayed = None
-    if after_seq is not None and replayed is not None:
+    if after_seq is not None:
         start.last = after_seq
-        for old in replayed:
-            yield old
-            start.last = old.seq
-            if old.is_terminal:
-                start.ended = True
-                return
-        if row.status.is_terminal and start.last >= row.last_seq:
-            start.ended = True
-    else:
-        for item in snapshot(row):
-            yield item
-        start.ended = row.status.is_terminal
-        start.last = row.last_seq
+        retained = True
+        async with contextlib.aclosing(
+            replay_pages(bus, session_id, after_seq, row.last_seq)
+        ) as pages:
+            async for page in pages:
+                if page is None:
+                    retained = False
+                    break
+                for old in page:
+                    yield old
+                    start.last = old.seq
+                    if old.is_terminal:
+                        start.ended = True
+                        return
+        if retained and start.last >= row.last_seq:
+            start.ended = row.status.is_terminal
+            return
+        if start.last > after_seq:
+            # Replayed in part: the rest comes from the stored row.
+            row = await load_visible(db, session_id, owner_id)
+            for item in snapshot(row):
+                if item.seq > start.last:
+                    yield item
+                    start.last = item.seq
+            start.ended = row.status.is_terminal
+            return
+    for item in snapshot(row):
+        yield item
+    start.ended = row.status.is_terminal
+    start.last = row.last_seq
 
 
 async def _follow(
@@ -200,16 +238,19 @@ async def catch_up(
     The row decides the end: a terminal row whose event never reached the bus (e.g. the bus
     was unreachable when it was published) still ends the stream with its terminal event."""
     subscriber.reset()
-    events = await bus.replay(session_id, last)
-    if events is not None:
-        events = superseded(events)
-    for event in events or ():
-        yield event, event.seq
-        last = event.seq
-        if event.is_terminal:
-            return
+    retained = True
+    async with contextlib.aclosing(replay_pages(bus, session_id, last)) as pages:
+        async for page in pages:
+            if page is None:
+                retained = False
+                break
+            for event in page:
+                yield event, event.seq
+                last = event.seq
+                if event.is_terminal:
+                    return
     row = await load_visible(db, session_id, owner_id)
-    if events is None:
+    if not retained:
         for item in snapshot(row):
             if item.seq > last:
                 yield item, item.seq
@@ -218,13 +259,15 @@ async def catch_up(
                     return
     if not row.status.is_terminal:
         return
-    if row.last_seq > last + 1 and events is not None:
+    if row.last_seq > last + 1 and retained:
         # The run finished while we read: its last events are normally in the log by now.
-        for event in superseded(await bus.replay(session_id, last) or [], row.last_seq):
-            yield event, event.seq
-            last = event.seq
-            if event.is_terminal:
-                return
+        async with contextlib.aclosing(replay_pages(bus, session_id, last, row.last_seq)) as pages:
+            async for page in pages:
+                for event in page or ():
+                    yield event, event.seq
+                    last = event.seq
+                    if event.is_terminal:
+                        return
     if row.last_seq > last + 1:
         for item in snapshot(row):
             yield item, item.seq

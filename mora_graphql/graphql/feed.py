@@ -40,8 +40,8 @@ from mora_graphql.events.stream import (
     Start,
     catch_up,
     load_visible,
+    replay_pages,
     snapshot,
-    superseded,
 )
 from mora_graphql.events.types import SessionEvent
 from mora_graphql.graphql.frames import Frames, encode_payload
@@ -373,9 +373,10 @@ class SessionFeed:
     async def _older_than_recent(self, last: int) -> list[Item]:
         registry = self.registry
         SUBSCRIBER_CATCH_UPS.labels("lagging").inc()
-        events = await registry.bus.replay(self.session_id, last)
+        async with contextlib.aclosing(replay_pages(registry.bus, self.session_id, last)) as pages:
+            events = await anext(pages)
         if events is not None:
-            return list(superseded(events))
+            return list(events)
         row = await load_visible(registry.db, self.session_id, None)
         return [item for item in snapshot(row) if item.seq > last]
 

@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from mora_graphql.db import Database, create_engine, create_sessionmaker, transaction
 from mora_graphql.events.bus import EventBus, MemoryEventBus, Published
 from mora_graphql.events.redis_bus import RedisEventBus
-from mora_graphql.events.stream import Snapshot, follow_session
+from mora_graphql.events.stream import REPLAY_PAGE, Snapshot, follow_session, replay_pages
 from mora_graphql.events.types import EventKind, SessionEvent
 from mora_graphql.models import SessionStatus
 from mora_graphql.pipeline.recorder import Pacing, SessionRecorder
@@ -316,3 +316,21 @@ async def test_memory_bus_keeps_at_most_max_sessions() -> None:
     assert await bus.last_seq(others[0]) == 0  # dropped
     assert [e.seq for e in await bus.replay(others[-1], 0) or []] == [1, 2, 3]
     await bus.close()
+
+
+async def test_a_terminal_event_at_a_page_edge_is_superseded_by_the_next_page(
+    buses: tuple[EventBus, EventBus, list[Any]],
+) -> None:
+    """A replay read in pages still delivers a run's end followed by a retry's events as the
+    status change it was, when the end is the last event of a page."""
+    publisher, subscriber, _ = buses
+    sid = uuid.uuid4()
+    for seq in range(1, REPLAY_PAGE + 21):
+        kind = EventKind.COMPLETED if seq == REPLAY_PAGE else EventKind.CODE_DELTA
+        assert await publisher.publish(event(sid, seq, kind), attempt=1) is Published.OK
+    pages = [page async for page in replay_pages(subscriber, sid, 0)]
+    assert [len(page or []) for page in pages] == [REPLAY_PAGE, 20]
+    events = [e for page in pages for e in page or []]
+    assert [e.seq for e in events] == list(range(1, REPLAY_PAGE + 21))
+    assert not any(e.is_terminal for e in events)
+    assert events[REPLAY_PAGE - 1].kind is EventKind.STATUS_CHANGED
