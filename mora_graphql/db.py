@@ -57,9 +57,26 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         return value
 
 
+TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57P")
+"""PostgreSQL error classes worth a retry: connection exceptions, insufficient resources
+(e.g. 53300 too many connections) and operator intervention (shutdown, cannot connect now)."""
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    for error in (exc.orig, getattr(exc.orig, "__cause__", None)):
+        state = getattr(error, "sqlstate", None)
+        if isinstance(state, str):
+            return state
+    return None
+
+
 def is_disconnect(exc: DBAPIError) -> bool:
-    """The connection was lost or refused (a restart, a killed backend): worth a retry."""
-    return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+    """The connection was lost or could not be had (a restart, a killed backend, the server
+    out of connections): worth a retry."""
+    if exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError):
+        return True
+    state = _sqlstate(exc)
+    return state is not None and state.startswith(TRANSIENT_SQLSTATE_CLASSES)
 
 
 def utcnow() -> dt.datetime:
