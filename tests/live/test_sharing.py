@@ -12,7 +12,9 @@ import pytest
 from redis.asyncio import Redis
 
 from mora_graphql.cache import RedisCache
-from tests.conftest import LiveServer
+from mora_graphql.jobs.procrastinate_queue import ProcrastinateQueue, build_app, install_schema
+from mora_graphql.runtime import build_runtime
+from tests.conftest import LiveServer, _truncate, make_settings, start_server
 from tests.fakes.fixtures import OPENAI_TEST_KEY, openai_server_fixture  # noqa: F401
 from tests.fakes.openai_server import JSON, FakeOpenAI, Stream
 from tests.live.test_caching import CREATE, GET, finished
@@ -71,6 +73,50 @@ async def test_waiting_sessions_hold_no_job_slot(
     """Four sessions of one slow video and two job slots: an unrelated session still runs
     and ends while the leader streams; the others complete with its code after one run (or,
     when the leader fails, after the one run of the session that took its lease over)."""
+    await one_popular_video(live, openai_server, leader_fails=leader_fails)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("leader_fails", [False, True], ids=["leader-completes", "leader-fails"])
+async def test_waiting_sessions_hold_no_procrastinate_slot(
+    postgres_url: str, redis_url: str, openai_server: FakeOpenAI, leader_fails: bool
+) -> None:
+    """The same on procrastinate: a parked session's job ends, the leader's job queues the
+    waiting sessions, and their delayed re-checks (queued first) do not hold them back."""
+    await _truncate(postgres_url)
+    settings = make_settings(
+        postgres_url,
+        redis_url=redis_url,
+        job_backend="procrastinate",
+        deepseek_api_url=openai_server.url,
+        deepseek_api_key=OPENAI_TEST_KEY,
+        deepseek_max_retries=0,
+    )
+    await install_schema(build_app(postgres_url))
+    worker_runtime = await build_runtime(settings, role="worker")
+    queue = worker_runtime.queue
+    assert isinstance(queue, ProcrastinateQueue)
+    worker = asyncio.create_task(
+        queue.app.run_worker_async(
+            concurrency=2,
+            listen_notify=False,
+            fetch_job_polling_interval=0.05,
+            install_signal_handlers=False,
+            delete_jobs="successful",
+        )
+    )
+    try:
+        async for live in start_server(settings):
+            await one_popular_video(live, openai_server, leader_fails=leader_fails)
+    finally:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+        await worker_runtime.aclose()
+
+
+async def one_popular_video(
+    live: LiveServer, openai_server: FakeOpenAI, *, leader_fails: bool
+) -> None:
     popular_streams: list[int] = []
 
     def respond(body: dict[str, Any]) -> Any:
@@ -97,7 +143,7 @@ async def test_waiting_sessions_hold_no_job_slot(
     assert unrelated["status"] == "COMPLETED", unrelated
     assert [await status(live, token, s) for s in popular] == ["PROCESSING"] * 4
 
-    ended = [await finished(live, token, s, limit=30) for s in popular]
+    ended = [await finished(live, token, s, limit=20) for s in popular]
     events = await asyncio.wait_for(watched, 10)
     if leader_fails:
         assert ended[0]["status"] == "ERROR", ended[0]
