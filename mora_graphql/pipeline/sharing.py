@@ -23,6 +23,7 @@ from mora_graphql.pipeline.caching import (
     lease_holder,
 )
 from mora_graphql.pipeline.context import PROGRESS_CODE_DONE, PROGRESS_TIMELINE_DONE, RunContext
+from mora_graphql.pipeline.recorder import SessionEnded
 from mora_graphql.sessions.repository import SessionRepository
 
 log = structlog.get_logger("mora.pipeline")
@@ -58,6 +59,8 @@ async def cached_or_follow(run: RunContext, key: str, token: str) -> CachedResul
                 return None
             named = lease_holder(holder)
             if named is not None and named[0] == own:
+                if named[1] > run.recorder.attempt:
+                    raise SessionEnded(own)
                 # An earlier attempt of this session: this run fenced it out when it began.
                 if await cache.take_over_lease(key, holder, token):
                     return None
