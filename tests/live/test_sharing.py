@@ -126,8 +126,8 @@ async def one_popular_video(
             return Stream(content_chunks=chunks(CODE))
         popular_streams.append(1)
         if leader_fails and len(popular_streams) == 1:
-            return Stream(content_chunks=chunks(CODE, 12), chunk_delay=0.15, disconnect_after=20)
-        return Stream(content_chunks=chunks(CODE, 12), chunk_delay=0.15)
+            return Stream(content_chunks=chunks(CODE, 12), chunk_delay=0.25, disconnect_after=20)
+        return Stream(content_chunks=chunks(CODE, 12), chunk_delay=0.25)
 
     openai_server.default = respond
     token = await live.register()
