@@ -2,6 +2,10 @@
 
 Redis errors degrade to cache misses (logged), never to failed requests; an `add` that could
 not reach Redis answers False (fail closed: nobody wins a lease that could not be recorded).
+
+Leases (`claim`, `extend`, `release`, `replace`) are token-checked and atomic: one Redis
+command or Lua script each, or one step of the event loop in memory. They raise
+`CacheUnavailable` instead of guessing when Redis cannot be read.
 """
 
 from __future__ import annotations
@@ -12,9 +16,14 @@ from typing import Protocol
 
 import structlog
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 log = structlog.get_logger("mora.cache")
+
+
+class CacheUnavailable(Exception):
+    """The store could not be reached: the state of the key is unknown."""
 
 
 class Cache(Protocol):
@@ -27,6 +36,23 @@ class Cache(Protocol):
         ...
 
     async def delete(self, key: str) -> None: ...
+
+    async def claim(self, key: str, token: str, ttl: float) -> str:
+        """Store `token` for `ttl` seconds when the key is absent; the value the key holds
+        after the call (`token` when this call, or an earlier one with it, stored it)."""
+        ...
+
+    async def extend(self, key: str, token: str, ttl: float) -> bool:
+        """Renew the key's expiry only while it holds `token`."""
+        ...
+
+    async def release(self, key: str, token: str) -> bool:
+        """Delete the key only while it holds `token`."""
+        ...
+
+    async def replace(self, key: str, old: str, new: str, ttl: float) -> bool:
+        """Store `new` only while the key holds `old`."""
+        ...
 
 
 class MemoryCache:
@@ -62,7 +88,7 @@ class MemoryCache:
         self._data.move_to_end(key)
         return value
 
-    def _store(self, key: str, value: str, ttl: int) -> None:
+    def _store(self, key: str, value: str, ttl: float) -> None:
         size = self._size(key, value)
         self._drop(key)
         if size > self.max_bytes:
@@ -90,11 +116,71 @@ class MemoryCache:
     async def delete(self, key: str) -> None:
         self._drop(key)
 
+    # No await inside these: each is atomic on the event loop.
+
+    async def claim(self, key: str, token: str, ttl: float) -> str:
+        held = self._live(key)
+        if held is not None:
+            return held
+        self._store(key, token, ttl)
+        return token
+
+    async def extend(self, key: str, token: str, ttl: float) -> bool:
+        if self._live(key) != token:
+            return False
+        self._store(key, token, ttl)
+        return True
+
+    async def release(self, key: str, token: str) -> bool:
+        if self._live(key) != token:
+            return False
+        self._drop(key)
+        return True
+
+    async def replace(self, key: str, old: str, new: str, ttl: float) -> bool:
+        if self._live(key) != old:
+            return False
+        self._store(key, new, ttl)
+        return True
+
+
+_CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return ARGV[1] end
+return redis.call('GET', KEYS[1])
+"""
+_EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_REPLACE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
+def _ms(seconds: float) -> int:
+    return max(int(seconds * 1000), 1)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
 
 class RedisCache:
     def __init__(self, redis: Redis, prefix: str = "mora:cache:") -> None:
         self.redis = redis
         self.prefix = prefix
+        self._claim = redis.register_script(_CLAIM)
+        self._extend = redis.register_script(_EXTEND)
+        self._release = redis.register_script(_RELEASE)
+        self._replace = redis.register_script(_REPLACE)
 
     async def get(self, key: str) -> str | None:
         try:
@@ -124,3 +210,25 @@ class RedisCache:
             await self.redis.delete(self.prefix + key)
         except RedisError as exc:
             log.warning("cache unavailable", op="delete", error=type(exc).__name__)
+
+    async def _script(self, op: str, script: AsyncScript, key: str, *args: str | int) -> object:
+        try:
+            return await script(keys=[self.prefix + key], args=list(args))
+        except RedisError as exc:
+            log.warning("cache unavailable", op=op, error=type(exc).__name__)
+            raise CacheUnavailable(op) from exc
+
+    async def claim(self, key: str, token: str, ttl: float) -> str:
+        held = await self._script("claim", self._claim, key, token, _ms(ttl))
+        if held is None:
+            raise CacheUnavailable("claim")
+        return _text(held)
+
+    async def extend(self, key: str, token: str, ttl: float) -> bool:
+        return bool(await self._script("extend", self._extend, key, token, _ms(ttl)))
+
+    async def release(self, key: str, token: str) -> bool:
+        return bool(await self._script("release", self._release, key, token))
+
+    async def replace(self, key: str, old: str, new: str, ttl: float) -> bool:
+        return bool(await self._script("replace", self._replace, key, old, new, _ms(ttl)))

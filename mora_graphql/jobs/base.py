@@ -6,9 +6,12 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-RunSession = Callable[[uuid.UUID, Callable[[], bool]], Awaitable[None]]
+from mora_graphql.pipeline.run import RunOutcome
+
+RunSession = Callable[[uuid.UUID, Callable[[], bool]], Awaitable[RunOutcome | None]]
 """The one job: run the pipeline for a session. The second argument, `stopping()`, tells a
-process shutdown (leave the session to be resumed) from a user cancel."""
+process shutdown (leave the session to be resumed) from a user cancel. The queue acts on the
+outcome: it queues the sessions to wake, and queues a parked session again later."""
 
 
 class JobQueue(Protocol):

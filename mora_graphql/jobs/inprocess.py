@@ -11,6 +11,7 @@ import structlog
 from mora_graphql.db import Database
 from mora_graphql.jobs.base import JobQueue, RunSession
 from mora_graphql.models import ACTIVE_STATUSES
+from mora_graphql.pipeline.run import RunOutcome
 from mora_graphql.sessions.repository import SessionRepository
 from mora_graphql.tracing import job_span
 
@@ -78,8 +79,10 @@ class InProcessQueue:
             try:
                 # The task inherited the enqueuing request's context: the job span is its child.
                 with job_span(session_id):
-                    await self.job(session_id, lambda: self._closed)
+                    outcome = await self.job(session_id, lambda: self._closed)
                 self._crashes.pop(session_id, None)
+                if outcome is not None:
+                    await self._follow_up(session_id, outcome)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -87,6 +90,17 @@ class InProcessQueue:
                 self._retry_later(session_id)
             finally:
                 self._running.discard(session_id)
+
+    async def _follow_up(self, session_id: uuid.UUID, outcome: RunOutcome) -> None:
+        for waiting in outcome.wake:
+            await self.enqueue(waiting)
+        if outcome.recheck_in is not None:
+            self.enqueue_later(session_id, outcome.recheck_in)
+
+    def enqueue_later(self, session_id: uuid.UUID, delay: float) -> None:
+        """Queue the session after `delay` seconds (a run of it already queued then is kept)."""
+        loop = asyncio.get_running_loop()
+        loop.call_later(delay, lambda: loop.create_task(self.enqueue(session_id)))
 
     def _retry_later(self, session_id: uuid.UUID) -> None:
         crashes = self._crashes.get(session_id, 0)

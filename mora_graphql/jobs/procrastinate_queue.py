@@ -24,6 +24,7 @@ log = structlog.get_logger("mora.jobs")
 
 TASK_NAME = "mora.run_session"
 ACTIVE_JOB_STATUSES = frozenset({Status.TODO.value, Status.DOING.value})
+RECHECK_PRIORITY = -1
 
 
 def libpq_url(database_url: str) -> str:
@@ -57,9 +58,44 @@ def build_app(database_url: str, run: RunSession | None = None) -> procrastinate
 
         ident = uuid.UUID(session_id)
         with job_span(ident, trace, **{"mora.job.attempt": context.job.attempts}):
-            await run(ident, stopping)
+            outcome = await run(ident, stopping)
+        if outcome is None:
+            return
+        for waiting in outcome.wake:
+            await defer(app, waiting)
+        if outcome.recheck_in is not None:
+            await defer(app, ident, delay=outcome.recheck_in)
 
     return app
+
+
+async def defer(
+    app: procrastinate.App,
+    session_id: uuid.UUID,
+    *,
+    delay: float | None = None,
+    trace: dict[str, str] | None = None,
+) -> None:
+    """Queue a run of the session; one already queued is not queued twice. Jobs of a session
+    share its lock, so they never run at the same time. A delayed re-check of a parked
+    session has its own queueing lock and a lower priority: it neither keeps a wake-up from
+    being queued nor delays it (procrastinate runs a lock's higher-priority jobs first)."""
+    key = str(session_id)
+    kwargs: dict[str, Any] = {"session_id": key}
+    if trace is not None:
+        kwargs["trace"] = trace
+    task = app.tasks[TASK_NAME]
+    if delay is None:
+        configured = task.configure(lock=key, queueing_lock=key)
+    else:
+        configured = task.configure(
+            lock=key,
+            queueing_lock=f"{key}:recheck",
+            priority=RECHECK_PRIORITY,
+            schedule_at=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay),
+        )
+    with contextlib.suppress(pexc.AlreadyEnqueued):
+        await configured.defer_async(**kwargs)
 
 
 class ProcrastinateQueue:
@@ -79,14 +115,7 @@ class ProcrastinateQueue:
         await self.app.close_async()
 
     async def enqueue(self, session_id: uuid.UUID) -> None:
-        key = str(session_id)
-        task = self.app.tasks[TASK_NAME]
-        kwargs: dict[str, Any] = {"session_id": key}
-        trace = carrier()
-        if trace is not None:
-            kwargs["trace"] = trace
-        with contextlib.suppress(pexc.AlreadyEnqueued):
-            await task.configure(lock=key, queueing_lock=key).defer_async(**kwargs)
+        await defer(self.app, session_id, trace=carrier())
 
     async def _jobs(self, session_id: uuid.UUID, status: Status) -> list[Any]:
         return list(

@@ -3,13 +3,15 @@ results, and the lease that lets concurrent sessions of one video share a single
 
 Keys are prefixed and versioned (`pipeline:v1:...`), values are JSON. Every method is a
 no-op (or a miss) when ENABLE_CACHE=false. The cache itself degrades to misses when Redis
-is down, so nothing here can fail a session.
+is down, so nothing here can fail a session; the lease alone says "unknown"
+(`CacheUnavailable`) rather than guess.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +28,7 @@ from mora_graphql.video_urls import VideoRef
 log = structlog.get_logger("mora.pipeline.cache")
 
 PREFIX = "pipeline:v1:"
-LEASE_TTL = 60
+LEASE_TTL = 60.0
 """Seconds a leader's lease lives without a refresh; a crashed leader is replaced after it."""
 LEASE_REFRESH = 20.0
 
@@ -151,27 +153,39 @@ class PipelineCache:
     async def store_result(self, key: str, result: CachedResult) -> None:
         await self._set(f"result:{key}", result.to_json(), self.result_ttl)
 
-    # The lease: one running session per result key.
+    # The lease: one running session per result key. Its token names the session and the
+    # run's attempt, so a later attempt of the same session can take it over from a run it
+    # fenced out; every change is checked against the token (see `Cache`).
 
-    async def acquire_lease(self, key: str, owner: str) -> str:
-        """The lease holder after trying to take it: `owner` when this call (or an earlier
-        attempt of the same session) holds it."""
-        name = f"{PREFIX}lease:{key}"
-        for _ in range(3):
-            if await self.cache.add(name, owner, LEASE_TTL):
-                return owner
-            holder = await self.cache.get(name)
-            if holder is not None:
-                return holder
-        return owner
+    async def claim_lease(self, key: str, token: str) -> str:
+        """The lease's token after trying to take it (`token`: this run holds it).
+        Raises CacheUnavailable when the lease cannot be read."""
+        return await self.cache.claim(_lease(key), token, LEASE_TTL)
 
-    async def refresh_lease(self, key: str, owner: str) -> None:
-        name = f"{PREFIX}lease:{key}"
-        holder = await self.cache.get(name)
-        if holder in (None, owner):
-            await self.cache.set(name, owner, LEASE_TTL)
+    async def take_over_lease(self, key: str, stale: str, token: str) -> bool:
+        """Replace a lease whose holder is known to have stopped; False when it changed."""
+        return await self.cache.replace(_lease(key), stale, token, LEASE_TTL)
 
-    async def release_lease(self, key: str, owner: str) -> None:
-        name = f"{PREFIX}lease:{key}"
-        if await self.cache.get(name) == owner:
-            await self.cache.delete(name)
+    async def refresh_lease(self, key: str, token: str) -> bool:
+        """False when the lease is no longer ours (it expired and someone else took it)."""
+        return await self.cache.extend(_lease(key), token, LEASE_TTL)
+
+    async def release_lease(self, key: str, token: str) -> bool:
+        return await self.cache.release(_lease(key), token)
+
+
+def _lease(key: str) -> str:
+    return f"{PREFIX}lease:{key}"
+
+
+def lease_token(session_id: uuid.UUID, attempt: int) -> str:
+    return f"{session_id}:{attempt}"
+
+
+def lease_holder(token: str) -> tuple[uuid.UUID, int] | None:
+    """The session and attempt named by a lease token; None for a malformed one."""
+    ident, _, attempt = token.rpartition(":")
+    try:
+        return uuid.UUID(ident), int(attempt)
+    except ValueError:
+        return None

@@ -131,6 +131,9 @@ class SessionRecorder:
                 start = max(row.last_seq, known)
             else:
                 start = max(row.last_seq, row.seq_ceiling, known)
+            # A run resuming the session (after a crash, or parked while another session
+            # made its result) continues from the progress its subscribers have seen.
+            progress = row.progress if row.status is SessionStatus.PROCESSING else 0.0
             recorder = cls(
                 db,
                 bus,
@@ -140,7 +143,7 @@ class SessionRecorder:
                 ceiling=start + 1 + SEQ_BLOCK,
                 status=SessionStatus.PROCESSING,
                 stage=PipelineStage.FETCHING_SUBTITLES,
-                progress=0.0,
+                progress=progress,
                 pacing=pacing,
             )
             if row.cancel_requested:
@@ -171,6 +174,7 @@ class SessionRecorder:
                     ACTIVE_STATUSES,
                     status=SessionStatus.PROCESSING,
                     stage=PipelineStage.FETCHING_SUBTITLES,
+                    progress=progress,
                     attempt=attempt,
                     last_seq=recorder.seq,
                     seq_ceiling=recorder.ceiling,

@@ -6,15 +6,17 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from sqlalchemy.exc import DBAPIError
 
+from mora_graphql.cache import CacheUnavailable
 from mora_graphql.db import is_disconnect
 from mora_graphql.errors import ErrorCode, PipelineError
 from mora_graphql.models import PipelineStage
-from mora_graphql.pipeline.caching import CachedResult, result_key
+from mora_graphql.pipeline.caching import CachedResult, lease_token, result_key
 from mora_graphql.pipeline.code import CodeCheck
 from mora_graphql.pipeline.context import (
     PROGRESS_CODE_DONE,
@@ -29,7 +31,14 @@ from mora_graphql.pipeline.recorder import (
     SessionEnded,
     SessionRecorder,
 )
-from mora_graphql.pipeline.sharing import cached_or_follow, complete_from, keep_lease
+from mora_graphql.pipeline.sharing import (
+    PARKED_RECHECK,
+    Parked,
+    cached_or_follow,
+    complete_from,
+    keep_lease,
+    waiting_for,
+)
 from mora_graphql.pipeline.stages.code import generate_code
 from mora_graphql.pipeline.stages.subtitles import fetch_transcript
 from mora_graphql.pipeline.stages.timeline import build_timeline
@@ -54,13 +63,25 @@ def check_json(check: CodeCheck) -> dict[str, Any]:
     return {"ok": check.ok, "language": check.language, "error": check.error, "line": check.line}
 
 
+@dataclass(frozen=True)
+class RunOutcome:
+    """What the queue does after a job: `wake` the sessions that waited for this run's
+    result, and, for a parked session (no terminal write), queue it again after
+    `recheck_in` seconds at the latest."""
+
+    wake: tuple[uuid.UUID, ...] = ()
+    recheck_in: float | None = None
+
+
 class PipelineRunner:
-    """Runs sessions; every outcome ends in exactly one terminal write and event."""
+    """Runs sessions; every outcome but parking ends in exactly one terminal write and event."""
 
     def __init__(self, deps: PipelineDeps) -> None:
         self.deps = deps
 
-    async def run(self, session_id: uuid.UUID, stopping: Callable[[], bool] | None = None) -> None:
+    async def run(
+        self, session_id: uuid.UUID, stopping: Callable[[], bool] | None = None
+    ) -> RunOutcome:
         """The job body. `stopping()` tells a shutdown (leave the session to be resumed)
         from a user cancel."""
         deps = self.deps
@@ -80,11 +101,16 @@ class PipelineRunner:
                 await started.cancelled()
             raise
         if recorder is None:
-            return
+            return RunOutcome()
         structlog.contextvars.bind_contextvars(session_id=str(session_id))
         usage = Usage()
+        wake: list[uuid.UUID] = []
         try:
-            await self._run(recorder, usage)
+            await self._run(recorder, usage, wake)
+        except Parked:
+            # No terminal write: the session stays PROCESSING, exactly as published so far.
+            await recorder.suspend()
+            return RunOutcome(recheck_in=PARKED_RECHECK)
         except SessionEnded:
             log.info("session ended elsewhere or taken over; stopping this run")
         except CancelRequested:
@@ -109,7 +135,7 @@ class PipelineRunner:
                     "Internal error while processing the video.",
                     usage=usage_json(usage),
                 )
-                return
+                return RunOutcome(tuple(wake))
             # The session stays PROCESSING: the queue runs the job again, which resumes it
             # (CodeReset, seq continued) on a fresh connection.
             log.warning("database connection lost; the run will be retried", error=repr(exc))
@@ -125,8 +151,10 @@ class PipelineRunner:
         finally:
             await asyncio.shield(recorder.close())
             structlog.contextvars.unbind_contextvars("session_id")
+        return RunOutcome(tuple(wake))
 
-    async def _run(self, recorder: SessionRecorder, usage: Usage) -> None:
+    async def _run(self, recorder: SessionRecorder, usage: Usage, wake: list[uuid.UUID]) -> None:
+        """`wake` receives the sessions waiting for this run's result once its lease ends."""
         async with self.deps.db() as session:
             row = await SessionRepository(session).get(recorder.session_id)
         if row is None:
@@ -147,22 +175,36 @@ class PipelineRunner:
             return
         key = result_key(transcript, row.language, self.deps.llm.model)
         await recorder.checkpoint(force=True, result_key=key)
-        owner = str(recorder.session_id)
+        token = lease_token(recorder.session_id, recorder.attempt)
         if row.force_refresh:
-            await cache.acquire_lease(key, owner)
+            # Runs whatever the lease says; holding it, when free, lets others wait for it.
+            with contextlib.suppress(CacheUnavailable):
+                await cache.claim_lease(key, token)
         else:
-            found = await cached_or_follow(run, key)
+            found = await cached_or_follow(run, key, token)
             if found is not None:
                 await complete_from(run, found, usage_json(usage))
                 return
-        refresher = asyncio.create_task(keep_lease(cache, key, owner))
+        refresher = asyncio.create_task(keep_lease(cache, key, token))
         try:
             await self._generate(run, transcript, key)
         finally:
             refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await refresher
-            await asyncio.shield(cache.release_lease(key, owner))
+            await asyncio.shield(self._end_lease(run, key, token, wake))
+
+    async def _end_lease(
+        self, run: RunContext, key: str, token: str, wake: list[uuid.UUID]
+    ) -> None:
+        """Release the lease (only if still ours), then list the sessions that wait for it:
+        after the release, so that one registering later finds the lease free or the result."""
+        with contextlib.suppress(CacheUnavailable):
+            await self.deps.cache.release_lease(key, token)
+        try:
+            wake.extend(await waiting_for(run, key))
+        except Exception as exc:  # they are checked again after PARKED_RECHECK anyway
+            log.warning("could not list the sessions waiting for this result", error=repr(exc))
 
     async def _generate(self, run: RunContext, transcript: Transcript, key: str | None) -> None:
         recorder = run.recorder

@@ -223,3 +223,20 @@ class SessionRepository:
             .order_by(VideoSession.created_at)
         )
         return list(result.scalars().all())
+
+    async def waiting_for_result(
+        self, result_key: str, *, other_than: uuid.UUID, limit: int = 1_000
+    ) -> list[uuid.UUID]:
+        """Unfinished sessions that reached the result step for `result_key`: those waiting
+        for the run that holds its lease."""
+        result = await self.session.execute(
+            select(VideoSession.id)
+            .where(
+                VideoSession.result_key == result_key,
+                VideoSession.status.in_(ACTIVE_STATUSES),
+                VideoSession.id != other_than,
+            )
+            .order_by(VideoSession.created_at)
+            .limit(limit)
+        )
+        return list(result.scalars().all())

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
-from mora_graphql.cache import Cache
+from mora_graphql.cache import Cache, CacheUnavailable, RedisCache
 from mora_graphql.models import Platform
 from mora_graphql.pipeline.caching import PREFIX, CachedResult, PipelineCache, result_key
 from mora_graphql.pipeline.transcript import estimate_tokens, fit_lines
@@ -46,13 +49,55 @@ async def test_round_trips(cache: Cache) -> None:
 
 async def test_lease_has_one_holder(cache: Cache) -> None:
     store = pipeline_cache(cache)
-    assert await store.acquire_lease("k", "a") == "a"
-    assert await store.acquire_lease("k", "b") == "a"
-    assert await store.acquire_lease("k", "a") == "a"
-    await store.release_lease("k", "b")  # not the holder: no effect
-    assert await store.acquire_lease("k", "b") == "a"
-    await store.release_lease("k", "a")
-    assert await store.acquire_lease("k", "b") == "b"
+    tokens = [f"{uuid.uuid4()}:1" for _ in range(20)]
+    holders = await asyncio.gather(*(store.claim_lease("k", token) for token in tokens))
+    winner = holders[0]
+    assert winner in tokens and set(holders) == {winner}
+    other = next(token for token in tokens if token != winner)
+    assert await store.claim_lease("k", winner) == winner
+    assert await store.claim_lease("k", other) == winner
+
+
+async def test_only_the_holder_extends_or_releases_the_lease(cache: Cache) -> None:
+    store = pipeline_cache(cache)
+    assert await store.claim_lease("k", "a:1") == "a:1"
+    assert await store.release_lease("k", "b:1") is False
+    assert await store.refresh_lease("k", "b:1") is False
+    assert await store.take_over_lease("k", "b:1", "b:1") is False
+    assert await store.claim_lease("k", "b:1") == "a:1"
+    # A take-over replaces exactly the stale token; the former holder can no longer touch it.
+    assert await store.take_over_lease("k", "a:1", "b:1") is True
+    assert await store.release_lease("k", "a:1") is False
+    assert await store.refresh_lease("k", "a:1") is False
+    assert await store.claim_lease("k", "a:1") == "b:1"
+    assert await store.refresh_lease("k", "b:1") is True
+    assert await store.release_lease("k", "b:1") is True
+    assert await store.claim_lease("k", "a:2") == "a:2"
+
+
+async def test_a_lease_expires_unless_extended(cache: Cache) -> None:
+    assert await cache.claim("lease", "a", 0.3) == "a"
+    await asyncio.sleep(0.2)
+    assert await cache.extend("lease", "a", 0.3) is True
+    await asyncio.sleep(0.2)
+    assert await cache.claim("lease", "b", 0.3) == "a"
+    await asyncio.sleep(0.2)
+    assert await cache.extend("lease", "a", 0.3) is False
+    assert await cache.claim("lease", "b", 0.3) == "b"
+
+
+async def test_an_unreadable_lease_is_never_ours() -> None:
+    client = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    store = pipeline_cache(RedisCache(client))
+    try:
+        with pytest.raises(CacheUnavailable):
+            await store.claim_lease("k", "a:1")
+        with pytest.raises(CacheUnavailable):
+            await store.refresh_lease("k", "a:1")
+        with pytest.raises(CacheUnavailable):
+            await store.release_lease("k", "a:1")
+    finally:
+        await client.aclose()
 
 
 async def test_disabled_cache_stores_nothing(cache: Cache) -> None:
