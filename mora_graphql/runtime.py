@@ -177,9 +177,8 @@ async def build_runtime(settings: Settings, *, role: Role = "api") -> Runtime:
     await queue.start()
     if not settings.uses_procrastinate and role == "api":
         await resume_unfinished(db, queue)
-        with untraced():  # the task inherits the suppression: no housekeeping traces
-            runtime.reconciler = asyncio.create_task(
-                reconcile_forever(queue, interval=settings.reconcile_interval),
-                name="session-reconciler",
-            )
+        runtime.reconciler = asyncio.create_task(
+            reconcile_forever(queue, interval=settings.reconcile_interval),
+            name="session-reconciler",
+        )
     return runtime

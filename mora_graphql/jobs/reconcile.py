@@ -10,13 +10,16 @@ import structlog
 
 from mora_graphql.jobs.base import JobQueue
 from mora_graphql.metrics import ORPHANS_REQUEUED
+from mora_graphql.tracing import untraced
 
 log = structlog.get_logger("mora.jobs")
 
 
 async def requeue_orphans(queue: JobQueue, *, older_than: float) -> int:
-    """Queue every session that owes a run and has no job; how many were queued."""
-    orphans = await queue.orphans(older_than=older_than)
+    """Queue every session that owes a run and has no job; how many were queued. The check
+    starts no trace; each job it queues starts its own."""
+    with untraced():
+        orphans = await queue.orphans(older_than=older_than)
     for session_id in orphans:
         await queue.enqueue(session_id)
     ORPHANS_REQUEUED.inc(len(orphans))
