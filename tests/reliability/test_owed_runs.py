@@ -18,13 +18,19 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from mora_graphql.auth.tokens import Principal
-from mora_graphql.db import Database, create_engine, create_sessionmaker, transaction
+from mora_graphql.db import (
+    Database,
+    after_commit,
+    create_engine,
+    create_sessionmaker,
+    transaction,
+)
 from mora_graphql.events.bus import MemoryEventBus
 from mora_graphql.jobs import inprocess
 from mora_graphql.jobs.inprocess import InProcessQueue
 from mora_graphql.jobs.procrastinate_queue import ProcrastinateQueue, build_app, install_schema
 from mora_graphql.jobs.reconcile import requeue_orphans
-from mora_graphql.models import Role, SessionStatus
+from mora_graphql.models import Role, SessionStatus, User
 from mora_graphql.runtime import build_runtime
 from mora_graphql.sessions.repository import SessionRepository
 from mora_graphql.sessions.service import SessionDeps, SessionService
@@ -263,6 +269,28 @@ async def test_the_embedded_reconciler_leaves_queued_retrying_and_running_jobs_a
     finally:
         release.set()
         await queue.stop()
+
+
+async def test_an_action_after_commit_that_fails_does_not_fail_the_unit_of_work(
+    db: Database,
+) -> None:
+    """The commit has happened: the failure is logged, the other actions run, no error."""
+    ran: list[str] = []
+
+    async def refused() -> None:
+        raise ConnectionError("job queue unreachable")
+
+    async def then() -> None:
+        ran.append("then")
+
+    async with transaction(db) as session:
+        user = User(email=f"{uuid.uuid4().hex}@example.com", password_hash="x")
+        session.add(user)
+        after_commit(session, refused)
+        after_commit(session, then)
+    assert ran == ["then"]
+    async with db() as session:
+        assert await session.get(User, user.id) is not None
 
 
 async def wait_for(condition: Callable[[], bool], limit: float = 5.0) -> None:
