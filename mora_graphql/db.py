@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
+import structlog
 from sqlalchemy import JSON, DateTime, MetaData, event
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
@@ -23,6 +24,8 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.types import TypeDecorator
 
 from mora_graphql.config import Settings
+
+log = structlog.get_logger("mora.db")
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -137,7 +140,8 @@ def after_commit(session: AsyncSession, action: Callable[[], Awaitable[object]])
 @asynccontextmanager
 async def transaction(db: Database) -> AsyncIterator[AsyncSession]:
     """One unit of work: commits once on success, rolls back on any error; then the
-    `after_commit` actions run."""
+    `after_commit` actions run. They cannot undo the commit: one that fails is logged and the
+    others still run, and the unit of work has succeeded."""
     async with db() as session:
         try:
             yield session
@@ -147,4 +151,7 @@ async def transaction(db: Database) -> AsyncIterator[AsyncSession]:
             raise
         actions: list[Callable[[], Awaitable[object]]] = session.info.pop(_AFTER_COMMIT, [])
         for action in actions:
-            await action()
+            try:
+                await action()
+            except Exception:
+                log.exception("action after commit failed")

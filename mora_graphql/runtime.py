@@ -29,6 +29,7 @@ from mora_graphql.events.bus import EventBus, MemoryEventBus
 from mora_graphql.events.redis_bus import RedisEventBus
 from mora_graphql.jobs.base import JobQueue
 from mora_graphql.jobs.inprocess import InProcessQueue, resume_unfinished
+from mora_graphql.jobs.reconcile import reconcile_forever
 from mora_graphql.pipeline.caching import PipelineCache
 from mora_graphql.pipeline.context import PipelineDeps
 from mora_graphql.pipeline.run import PipelineRunner
@@ -56,6 +57,8 @@ class Runtime:
     subtitles: SubtitleSources
     runner: PipelineRunner
     queue: JobQueue
+    reconciler: asyncio.Task[None] | None = None
+    """The embedded server's reconciler (`mora worker` runs its own in its maintenance)."""
 
     @property
     def sessions(self) -> SessionDeps:
@@ -82,6 +85,9 @@ class Runtime:
             return False
 
     async def aclose(self) -> None:
+        if self.reconciler is not None:
+            self.reconciler.cancel()
+            await asyncio.gather(self.reconciler, return_exceptions=True)
         await self.limiter.aclose()
         await self.queue.stop()
         await self.llm.aclose()
@@ -94,8 +100,9 @@ class Runtime:
 
 
 async def build_runtime(settings: Settings, *, role: Role = "api") -> Runtime:
-    """With the in-process backend the API process also runs the jobs and resumes the sessions
-    a previous process left unfinished; with procrastinate the workers (`role="worker"`) do."""
+    """With the in-process backend the API process also runs the jobs, resumes the sessions a
+    previous process left unfinished and runs the reconciler; with procrastinate the workers
+    (`role="worker"`) do."""
     engine = create_engine(settings)
     instrument_engine(engine)
     db = create_sessionmaker(engine)
@@ -144,7 +151,10 @@ async def build_runtime(settings: Settings, *, role: Role = "api") -> Runtime:
         )
     else:
         queue = InProcessQueue(
-            runner.run, concurrency=settings.job_concurrency, cancel_timeout=settings.cancel_wait
+            runner.run,
+            db,
+            concurrency=settings.job_concurrency,
+            cancel_timeout=settings.cancel_wait,
         )
     runtime = Runtime(
         settings=settings,
@@ -167,4 +177,8 @@ async def build_runtime(settings: Settings, *, role: Role = "api") -> Runtime:
     await queue.start()
     if not settings.uses_procrastinate and role == "api":
         await resume_unfinished(db, queue)
+        runtime.reconciler = asyncio.create_task(
+            reconcile_forever(queue, interval=settings.reconcile_interval),
+            name="session-reconciler",
+        )
     return runtime

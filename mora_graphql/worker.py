@@ -11,13 +11,9 @@ import structlog
 from procrastinate.exceptions import ConnectorException
 
 from mora_graphql.config import Settings
-from mora_graphql.db import Database
-from mora_graphql.jobs.procrastinate_queue import (
-    ProcrastinateQueue,
-    orphaned_sessions,
-    retry_stalled_jobs,
-)
-from mora_graphql.metrics import ORPHANS_REQUEUED, STALLED_JOBS_RETRIED
+from mora_graphql.jobs.procrastinate_queue import ProcrastinateQueue, retry_stalled_jobs
+from mora_graphql.jobs.reconcile import requeue_orphans
+from mora_graphql.metrics import STALLED_JOBS_RETRIED
 from mora_graphql.runtime import build_runtime
 from mora_graphql.tracing import setup as setup_tracing
 from mora_graphql.tracing import untraced
@@ -25,7 +21,7 @@ from mora_graphql.tracing import untraced
 log = structlog.get_logger("mora.worker")
 
 
-async def maintain(settings: Settings, db: Database, queue: ProcrastinateQueue) -> None:
+async def maintain(settings: Settings, queue: ProcrastinateQueue) -> None:
     """Every worker runs this; each step is idempotent, so several at once are harmless."""
     last_reconcile = 0.0
     loop = asyncio.get_running_loop()
@@ -37,12 +33,7 @@ async def maintain(settings: Settings, db: Database, queue: ProcrastinateQueue) 
             STALLED_JOBS_RETRIED.inc(retried)
             if loop.time() - last_reconcile >= settings.reconcile_interval:
                 last_reconcile = loop.time()
-                orphans = await orphaned_sessions(db, older_than=settings.reconcile_interval)
-                for session_id in orphans:
-                    await queue.enqueue(session_id)
-                ORPHANS_REQUEUED.inc(len(orphans))
-                if orphans:
-                    log.warning("re-queued sessions without a job", count=len(orphans))
+                await requeue_orphans(queue, older_than=settings.reconcile_interval)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -80,9 +71,7 @@ async def run_worker(settings: Settings) -> None:
     assert isinstance(queue, ProcrastinateQueue)
     name = f"mora-{socket.gethostname()}-{os.getpid()}"
     with untraced():  # the task inherits the suppression: no housekeeping traces
-        maintenance = asyncio.create_task(
-            maintain(settings, runtime.db, queue), name="worker-maintenance"
-        )
+        maintenance = asyncio.create_task(maintain(settings, queue), name="worker-maintenance")
     log.info("worker started", name=name, concurrency=settings.job_concurrency)
     try:
         await _work(settings, queue, name)

@@ -101,7 +101,7 @@ class Mutation:
                     admit=partial(_limit_pipeline_runs, info),
                 )
         finally:
-            # Also when queueing failed after the commit: the row exists either way.
+            # Also when the request failed after the insert: the row may exist.
             await info.context.session_written(None, service.principal.user_id)
         return Session.of(row)
 

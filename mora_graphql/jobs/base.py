@@ -20,11 +20,18 @@ class JobQueue(Protocol):
     async def stop(self) -> None: ...
 
     async def enqueue(self, session_id: uuid.UUID) -> None:
-        """Schedule one pipeline run; a session already queued or running is not queued twice."""
+        """Schedule one pipeline run; a session already queued or running is not queued twice.
+        May raise (the queue is unreachable): the unfinished row still owes its run, and the
+        reconciler queues it later (`jobs.reconcile`)."""
         ...
 
     async def cancel(self, session_id: uuid.UUID) -> bool:
         """Drop the session's queued job and ask a running one to stop, waiting a little for
         it to end the session. True when a run held the session (it ends the session itself,
         perhaps later), False when none did (the caller ends the session)."""
+        ...
+
+    async def orphans(self, *, older_than: float) -> list[uuid.UUID]:
+        """Unfinished sessions not updated for `older_than` seconds that have no queued,
+        retrying or running job: each still owes a run that nothing will start."""
         ...

@@ -117,6 +117,9 @@ class ProcrastinateQueue:
     async def enqueue(self, session_id: uuid.UUID) -> None:
         await defer(self.app, session_id, trace=carrier())
 
+    async def orphans(self, *, older_than: float) -> list[uuid.UUID]:
+        return await orphaned_sessions(self.db, older_than=older_than)
+
     async def _jobs(self, session_id: uuid.UUID, status: Status) -> list[Any]:
         return list(
             await self.app.job_manager.list_jobs_async(lock=str(session_id), status=status.value)
@@ -160,7 +163,7 @@ async def retry_stalled_jobs(app: procrastinate.App, *, heartbeat_timeout: float
 
 
 async def orphaned_sessions(db: Database, *, older_than: float) -> list[uuid.UUID]:
-    """Unfinished sessions without a queued or running job."""
+    """Unfinished sessions without a queued (retrying included) or running job."""
     cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=older_than)
     async with db() as session:
         return await SessionRepository(session).without_job(

@@ -216,12 +216,13 @@ class SessionRepository:
         )
         return [uuid.UUID(str(row[0])) for row in rows]
 
-    async def ids_with_status(self, statuses: Collection[SessionStatus]) -> list[uuid.UUID]:
-        result = await self.session.execute(
-            select(VideoSession.id)
-            .where(VideoSession.status.in_(statuses))
-            .order_by(VideoSession.created_at)
-        )
+    async def ids_with_status(
+        self, statuses: Collection[SessionStatus], *, updated_before: dt.datetime | None = None
+    ) -> list[uuid.UUID]:
+        stmt = select(VideoSession.id).where(VideoSession.status.in_(statuses))
+        if updated_before is not None:
+            stmt = stmt.where(VideoSession.updated_at < updated_before)
+        result = await self.session.execute(stmt.order_by(VideoSession.created_at))
         return list(result.scalars().all())
 
     async def waiting_for_result(

@@ -62,6 +62,20 @@ async def announce(bus: EventBus, event: SessionEvent, attempt: int) -> None:
         log.warning("event not published", seq=event.seq, outcome=outcome.value)
 
 
+async def queue_run(queue: JobQueue, session_id: uuid.UUID) -> None:
+    """Queue the run a committed CREATED row owes. The row is the outbox: when queueing fails
+    the reconciler queues the session later, so the request that created it still succeeds
+    (and a job queued twice runs once: the queues refuse a second job of the same session)."""
+    try:
+        await queue.enqueue(session_id)
+    except Exception as exc:
+        log.warning(
+            "run not queued; the reconciler will queue it",
+            session_id=str(session_id),
+            error=type(exc).__name__,
+        )
+
+
 async def fence_out(bus: EventBus, session_id: uuid.UUID, attempt: int) -> None:
     """Refuse every later publish of runs before `attempt` (e.g. of a deleted session)."""
     try:
@@ -103,7 +117,7 @@ class SessionService:
         admit: Admit | None = None,
     ) -> VideoSession:
         """Validate, then `admit` the run (rate limit), then insert the row; the job is queued
-        once the caller's transaction commits."""
+        once the caller's transaction commits (or by the reconciler, see `queue_run`)."""
         deps = self.deps
         video = parse_video_url(video_url, max_length=deps.max_video_url_length)
         lang = normalize_language(language)
@@ -143,7 +157,7 @@ class SessionService:
                 attempt=0,
             )
         )
-        after_commit(session, partial(deps.queue.enqueue, row.id))
+        after_commit(session, partial(queue_run, deps.queue, row.id))
         return row
 
     async def get(self, session: AsyncSession, session_id: str) -> VideoSession | None:
@@ -234,7 +248,7 @@ class SessionService:
         )
         if not moved:
             raise Conflict("The session changed meanwhile; read it again.")
-        after_commit(session, partial(self.deps.queue.enqueue, row.id))
+        after_commit(session, partial(queue_run, self.deps.queue, row.id))
         return await self.require(session, session_id)
 
     async def delete(self, session: AsyncSession, session_id: str) -> bool:

@@ -101,7 +101,7 @@ async def test_cancel_after_an_embedded_crash_ends_above_every_seq_seen(db: Data
             blocking.set()
             await release.wait()
 
-    queue = InProcessQueue(job, concurrency=1, cancel_timeout=1)
+    queue = InProcessQueue(job, db, concurrency=1, cancel_timeout=1)
     await queue.start()
     await queue.enqueue(blocker)
     await asyncio.wait_for(blocking.wait(), 5)

@@ -248,6 +248,46 @@ async def test_embedded_trace_runs_from_create_session_to_the_timeline(
         assert "correct horse" not in json.dumps(node.attributes, default=str)
 
 
+async def test_a_job_the_embedded_reconciler_queued_starts_its_own_trace(
+    spans: InMemorySpanExporter,
+    clean_db: str,
+    openai_server: FakeOpenAI,
+    settings_overrides: dict[str, Any],
+) -> None:
+    """The session was created while the in-process queue refused jobs: the reconciler's
+    checks start no traces, and the job it queues is the root of a trace of its own."""
+    openai_server.enqueue(Stream(content_chunks=[CODE]), JSON(json.dumps(TIMELINE)))
+    settings = make_settings(clean_db, **settings_overrides, reconcile_interval=0.3)
+    async for live in start_server(settings):
+        spans.clear()
+        token = await live.register()
+        queue = live.services.queue
+        await queue.stop()
+        try:
+            created = await live.gql(
+                CREATE, {"input": {"videoUrl": VIDEO, "subtitles": SRT}}, token
+            )
+        finally:
+            await queue.start()
+        assert "errors" not in created, created
+        session_id = str(created["data"]["createSession"]["id"])
+        session = await live.wait_terminal(GET, token, session_id, limit=30)
+        assert session["status"] == "COMPLETED", session
+        await asyncio.sleep(1.0)  # more rounds of the reconciler
+
+    tree = Trace([from_sdk(span) for span in spans.get_finished_spans()])
+    job = tree.one(tracing.JOB_SPAN)
+    assert job.attributes["mora.session_id"] == session_id
+    assert job.parent_id is None
+    assert job.trace_id != graphql_operation(tree, "CreateSession").trace_id
+    # The reconciler's queries would be SQL spans at the root of traces of their own.
+    assert not [
+        (node.name, node.attributes.get("db.statement"))
+        for node in tree.nodes
+        if node.parent_id is None and is_sql(node)
+    ]
+
+
 async def test_tracing_off_without_otel_env(tmp_path: Path) -> None:
     """A fresh process with no OTEL_* variables: the app and its runtime start, serve a
     request, and no tracer provider, instrumentation, extension or middleware is installed."""
