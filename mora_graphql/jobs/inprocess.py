@@ -42,6 +42,7 @@ class InProcessQueue:
         self._again: set[uuid.UUID] = set()
         self._crashes: dict[uuid.UUID, int] = {}
         self._retries: dict[uuid.UUID, asyncio.TimerHandle] = {}
+        self._later: dict[uuid.UUID, asyncio.TimerHandle] = {}
         self._closed = False
 
     @property
@@ -54,9 +55,10 @@ class InProcessQueue:
     async def stop(self) -> None:
         """Stop every job; sessions they leave in PROCESSING are resumed at the next start."""
         self._closed = True
-        for handle in self._retries.values():
+        for handle in (*self._retries.values(), *self._later.values()):
             handle.cancel()
         self._retries.clear()
+        self._later.clear()
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
@@ -65,8 +67,9 @@ class InProcessQueue:
         self._tasks.clear()
 
     def holds(self, session_id: uuid.UUID) -> bool:
-        """A job of the session is queued, running, or waiting to be retried after a crash."""
-        return session_id in self._tasks or session_id in self._retries
+        """A job of the session is queued, running, waiting to be retried after a crash, or
+        due later (a parked session's re-check)."""
+        return session_id in self._tasks or session_id in self._retries or session_id in self._later
 
     async def enqueue(self, session_id: uuid.UUID) -> None:
         if self._closed or session_id in self._retries:
@@ -114,8 +117,19 @@ class InProcessQueue:
 
     def enqueue_later(self, session_id: uuid.UUID, delay: float) -> None:
         """Queue the session after `delay` seconds (a run of it already queued then is kept)."""
-        loop = asyncio.get_running_loop()
-        loop.call_later(delay, lambda: loop.create_task(self.enqueue(session_id)))
+        if self._closed:
+            return
+        earlier = self._later.pop(session_id, None)
+        if earlier is not None:
+            earlier.cancel()
+        self._later[session_id] = asyncio.get_running_loop().call_later(
+            delay, self._due, session_id
+        )
+
+    def _due(self, session_id: uuid.UUID) -> None:
+        self._later.pop(session_id, None)
+        if not self._closed:
+            asyncio.get_running_loop().create_task(self.enqueue(session_id))
 
     def _retry_later(self, session_id: uuid.UUID) -> None:
         crashes = self._crashes.get(session_id, 0)
@@ -139,6 +153,9 @@ class InProcessQueue:
             self._start(session_id)
 
     async def cancel(self, session_id: uuid.UUID) -> bool:
+        later = self._later.pop(session_id, None)
+        if later is not None:
+            later.cancel()
         retry = self._retries.pop(session_id, None)
         if retry is not None:
             retry.cancel()
