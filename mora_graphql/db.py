@@ -11,7 +11,7 @@ import orjson
 from sqlalchemy import JSON, DateTime, MetaData, event
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, StatementError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -60,6 +60,39 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
 def is_disconnect(exc: DBAPIError) -> bool:
     """The connection was lost or refused (a restart, a killed backend): worth a retry."""
     return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+
+
+def storable_text(text: str) -> str:
+    """`text` as PostgreSQL text and JSONB can hold it: without NUL (U+0000), lone
+    surrogates replaced by U+FFFD."""
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
+def storable(value: Any) -> Any:
+    """A column value (text or JSON) with every string in it made `storable_text`."""
+    if isinstance(value, str):
+        return storable_text(value)
+    if isinstance(value, dict):
+        return {storable(key): storable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [storable(item) for item in value]
+    return value
+
+
+def refusal(exc: StatementError) -> dict[str, str]:
+    """Log fields for a statement the database (or the driver) refused: the error and the
+    statement, without the parameters or a traceback."""
+    return {
+        "error": f"{type(exc.orig).__name__}: {exc.orig}"[:500],
+        "statement": " ".join(str(exc.statement or "").split())[:200],
+    }
 
 
 def utcnow() -> dt.datetime:

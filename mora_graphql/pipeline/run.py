@@ -11,7 +11,7 @@ from typing import Any
 import structlog
 from sqlalchemy.exc import DBAPIError
 
-from mora_graphql.db import is_disconnect
+from mora_graphql.db import is_disconnect, refusal
 from mora_graphql.errors import ErrorCode, PipelineError
 from mora_graphql.models import PipelineStage
 from mora_graphql.pipeline.caching import CachedResult, result_key
@@ -24,6 +24,7 @@ from mora_graphql.pipeline.context import (
     RunContext,
 )
 from mora_graphql.pipeline.recorder import (
+    STORE_FAILED,
     CancelRequested,
     Pacing,
     SessionEnded,
@@ -69,7 +70,13 @@ class PipelineRunner:
             flush_interval=deps.settings.delta_flush_interval,
         )
         starting = asyncio.ensure_future(
-            SessionRecorder.begin(deps.db, deps.bus, session_id, pacing=pacing)
+            SessionRecorder.begin(
+                deps.db,
+                deps.bus,
+                session_id,
+                pacing=pacing,
+                max_runs=deps.settings.max_session_attempts,
+            )
         )
         try:
             recorder = await asyncio.shield(starting)
@@ -103,12 +110,11 @@ class PipelineRunner:
             await recorder.fail(exc.code, exc.message, usage=usage_json(usage))
         except DBAPIError as exc:
             if not is_disconnect(exc):
-                log.exception("session crashed")
-                await recorder.fail(
-                    ErrorCode.INTERNAL_ERROR,
-                    "Internal error while processing the video.",
-                    usage=usage_json(usage),
-                )
+                # A write the database refuses (a constraint, a value it cannot hold) would
+                # be refused again by every later run: end the session now.
+                log.error("the database refused a write of the run", **refusal(exc))
+                mark_failed(ErrorCode.DATABASE_ERROR.name, STORE_FAILED)
+                await recorder.fail(ErrorCode.DATABASE_ERROR, STORE_FAILED, usage=usage_json(usage))
                 return
             # The session stays PROCESSING: the queue runs the job again, which resumes it
             # (CodeReset, seq continued) on a fresh connection.
