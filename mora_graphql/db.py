@@ -79,10 +79,23 @@ def storable(value: Any) -> Any:
     """A column value (text or JSON) with every string in it made `storable_text`."""
     if isinstance(value, str):
         return storable_text(value)
+    if not isinstance(value, dict | list | tuple):
+        return value
+    try:  # one pass in C: most values (20,000 subtitle lines: ~10 ms) need no change
+        if b"\\u0000" not in orjson.dumps(value):
+            return value
+    except TypeError:  # a lone surrogate, or a value JSON columns cannot hold anyway
+        pass
+    return _storable(value)
+
+
+def _storable(value: Any) -> Any:
+    if isinstance(value, str):
+        return storable_text(value)
     if isinstance(value, dict):
-        return {storable(key): storable(item) for key, item in value.items()}
+        return {_storable(key): _storable(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [storable(item) for item in value]
+        return [_storable(item) for item in value]
     return value
 
 
