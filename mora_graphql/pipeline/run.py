@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
 
 from mora_graphql.db import is_disconnect, refusal
 from mora_graphql.errors import ErrorCode, PipelineError
@@ -108,10 +108,10 @@ class PipelineRunner:
             log.info("session failed", code=exc.code.name, error=exc.message)
             mark_failed(exc.code.name, exc.message)
             await recorder.fail(exc.code, exc.message, usage=usage_json(usage))
-        except DBAPIError as exc:
-            if not is_disconnect(exc):
-                # A write the database refuses (a constraint, a value it cannot hold) would
-                # be refused again by every later run: end the session now.
+        except StatementError as exc:
+            if not (isinstance(exc, DBAPIError) and is_disconnect(exc)):
+                # A statement the database (or the driver) refuses, e.g. a constraint or a
+                # value it cannot hold, would be refused again by every later run: end now.
                 log.error("the database refused a write of the run", **refusal(exc))
                 mark_failed(ErrorCode.DATABASE_ERROR.name, STORE_FAILED)
                 await recorder.fail(ErrorCode.DATABASE_ERROR, STORE_FAILED, usage=usage_json(usage))
