@@ -118,6 +118,7 @@ class Settings(BaseSettings):
     worker_heartbeat_interval: float = 5.0
     stalled_job_timeout: float = 20.0
     reconcile_interval: float = 15.0
+    max_session_attempts: int = Field(default=5, ge=1)
     worker_shutdown_timeout: float = 30.0
     checkpoint_interval: float = 1.0
     delta_flush_interval: float = Field(default=0.03, ge=0.0, le=5.0)

@@ -12,7 +12,7 @@ import structlog
 from sqlalchemy import JSON, DateTime, MetaData, event
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, StatementError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -80,6 +80,52 @@ def is_disconnect(exc: DBAPIError) -> bool:
         return True
     state = _sqlstate(exc)
     return state is not None and state.startswith(TRANSIENT_SQLSTATE_CLASSES)
+
+
+def storable_text(text: str) -> str:
+    """`text` as PostgreSQL text and JSONB can hold it: without NUL (U+0000), lone
+    surrogates replaced by U+FFFD."""
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
+def storable(value: Any) -> Any:
+    """A column value (text or JSON) with every string in it made `storable_text`."""
+    if isinstance(value, str):
+        return storable_text(value)
+    if not isinstance(value, dict | list | tuple):
+        return value
+    try:  # one pass in C: most values need no change
+        if b"\\u0000" not in orjson.dumps(value):
+            return value
+    except TypeError:  # a lone surrogate, or a value JSON columns cannot hold anyway
+        pass
+    return _storable(value)
+
+
+def _storable(value: Any) -> Any:
+    if isinstance(value, str):
+        return storable_text(value)
+    if isinstance(value, dict):
+        return {_storable(key): _storable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_storable(item) for item in value]
+    return value
+
+
+def refusal(exc: StatementError) -> dict[str, str]:
+    """Log fields for a statement the database (or the driver) refused: the error and the
+    statement, without the parameters or a traceback."""
+    return {
+        "error": f"{type(exc.orig).__name__}: {exc.orig}"[:500],
+        "statement": " ".join(str(exc.statement or "").split())[:200],
+    }
 
 
 def utcnow() -> dt.datetime:

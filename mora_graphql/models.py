@@ -112,6 +112,9 @@ class VideoSession(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     """The fencing token of the run holding the session: each run raises it at its start,
     and every row write of a run is conditional on it."""
+    run_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Runs started since the session was created or retried (a run handed on by a
+    shutdown is not counted); `MAX_SESSION_ATTEMPTS` bounds it."""
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     """A cancel asked of the run holding the session; the run acts on it at its next
     checkpoint (the queue's abort signal is the fast path)."""

@@ -3,6 +3,11 @@
 
 Every row write is fenced by the run's attempt and every publish carries it, so a run that
 lost the session (e.g. a worker paused past the stalled-job timeout) writes nothing more.
+
+Everything it writes or publishes is `storable` (no NUL, no lone surrogate), so the events a
+subscriber sees are what the row holds. A terminal write the database refuses for good is
+made again without the run's outputs, so every run ends; and a session whose runs keep
+crashing ends once it has had `max_runs` of them.
 """
 
 from __future__ import annotations
@@ -16,8 +21,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
+from sqlalchemy.exc import DBAPIError, StatementError
 
-from mora_graphql.db import Database, transaction, utcnow
+from mora_graphql.db import (
+    Database,
+    is_disconnect,
+    refusal,
+    storable,
+    storable_text,
+    transaction,
+    utcnow,
+)
 from mora_graphql.errors import ErrorCode
 from mora_graphql.events.bus import EventBus, Published
 from mora_graphql.events.types import EventKind, SessionEvent
@@ -32,6 +46,16 @@ DELTA_FLUSH_CHARS = 4_096
 """A pending delta this long is published at once, whatever the flush window."""
 
 DELTA_KINDS = frozenset({EventKind.CODE_DELTA, EventKind.THOUGHT_DELTA})
+
+STORE_FAILED = "The results of this session could not be stored."
+"""The error of a session whose outputs the database refused (DATABASE_ERROR)."""
+
+
+def runs_exhausted(runs: int) -> str:
+    return (
+        f"Processing this session was interrupted {runs} times without finishing; "
+        "it was stopped. Retry it later."
+    )
 
 
 class SessionEnded(Exception):
@@ -71,12 +95,14 @@ class SessionRecorder:
         status: SessionStatus,
         stage: PipelineStage | None,
         progress: float,
+        runs: int = 1,
         pacing: Pacing | None = None,
     ) -> None:
         self.db = db
         self.bus = bus
         self.session_id = session_id
         self.attempt = attempt
+        self.runs = runs
         self.seq = seq
         self.ceiling = ceiling
         self.status = status
@@ -107,10 +133,11 @@ class SessionRecorder:
         *,
         checkpoint_interval: float = 1.0,
         pacing: Pacing | None = None,
+        max_runs: int | None = None,
     ) -> SessionRecorder | None:
         """Take the session for a new run (attempt + 1, fence raised) and mark it
-        PROCESSING; None when it has already ended (or a cancel asked of an earlier run
-        ended it now)."""
+        PROCESSING; None when it has already ended, or ended now: a cancel asked of an
+        earlier run, or `max_runs` runs since it was created or retried (ERROR)."""
         pacing = pacing or Pacing(checkpoint_interval=checkpoint_interval)
         async with transaction(db) as session:
             repo = SessionRepository(session)
@@ -118,6 +145,7 @@ class SessionRecorder:
             if row is None or row.status.is_terminal:
                 return None
             attempt = row.attempt + 1
+            runs = row.run_attempts + 1
             fenced_before = await bus.fence(session_id, attempt)
             if fenced_before is None:
                 log.error("a later run holds the session's fence", attempt=attempt)
@@ -144,8 +172,10 @@ class SessionRecorder:
                 status=SessionStatus.PROCESSING,
                 stage=PipelineStage.FETCHING_SUBTITLES,
                 progress=progress,
+                runs=runs,
                 pacing=pacing,
             )
+            ending: tuple[EventKind, str | None] | None = None
             if row.cancel_requested:
                 # Asked of a run that died before acting on it: end the session now.
                 recorder.status = SessionStatus.CANCELLED
@@ -161,7 +191,31 @@ class SessionRecorder:
                     cancel_requested=False,
                     completed_at=utcnow(),
                 )
-                ended = True
+                ending = (EventKind.CANCELLED, None)
+            elif max_runs is not None and runs > max_runs:
+                # Every earlier run crashed or was lost (or the job was queued again): this
+                # one would most likely end the same way.
+                message = runs_exhausted(row.run_attempts)
+                log.warning("session ended: too many runs", runs=row.run_attempts)
+                recorder.status = SessionStatus.ERROR
+                recorder.stage = row.stage
+                recorder.progress = row.progress
+                await repo.update_if_status(
+                    session_id,
+                    ACTIVE_STATUSES,
+                    status=SessionStatus.ERROR,
+                    attempt=attempt,
+                    last_seq=recorder.seq,
+                    seq_ceiling=recorder.seq,
+                    cancel_requested=False,
+                    error_code=ErrorCode.INTERNAL_ERROR.name,
+                    error_message=message,
+                    completed_at=utcnow(),
+                )
+                ending = (
+                    EventKind.FAILED,
+                    json.dumps({"code": ErrorCode.INTERNAL_ERROR.name, "message": message}),
+                )
             else:
                 # Read before the update below, which refreshes `row` in place.
                 earlier_code = (
@@ -176,13 +230,14 @@ class SessionRecorder:
                     stage=PipelineStage.FETCHING_SUBTITLES,
                     progress=progress,
                     attempt=attempt,
+                    run_attempts=runs,
                     last_seq=recorder.seq,
                     seq_ceiling=recorder.ceiling,
                 )
-                ended = False
-        if ended:
+        if ending is not None:
+            kind, end_payload = ending
             await recorder._send(
-                recorder._event(EventKind.CANCELLED, recorder.seq, None, None), terminal=True
+                recorder._event(kind, recorder.seq, None, end_payload), terminal=True
             )
             return None
         await recorder._send(recorder._event(EventKind.STATUS_CHANGED, recorder.seq, None, None))
@@ -314,12 +369,14 @@ class SessionRecorder:
         await self.checkpoint(force=True, **fields)
 
     async def thought(self, text: str) -> None:
+        text = storable_text(text)
         if not text:
             return
         await self._delta(EventKind.THOUGHT_DELTA, text)
         await self.checkpoint()
 
     async def code_delta(self, text: str, progress: float | None = None) -> None:
+        text = storable_text(text)
         if not text:
             return
         self.code += text
@@ -341,6 +398,7 @@ class SessionRecorder:
 
     async def replace_code(self, code: str) -> None:
         """Publish a reset plus the final code when post-processing changed the streamed text."""
+        code = storable_text(code)
         if code == self.code:
             return
         await self.code_reset()
@@ -348,7 +406,7 @@ class SessionRecorder:
         await self.flush()
 
     async def timeline_ready(self, timeline: dict[str, Any]) -> None:
-        await self._publish(EventKind.TIMELINE_READY, payload=json.dumps(timeline))
+        await self._publish(EventKind.TIMELINE_READY, payload=json.dumps(storable(timeline)))
 
     async def checkpoint(self, *, force: bool = False, **fields: Any) -> None:
         """Store the state published so far (time-based unless forced); acts on a cancel
@@ -369,7 +427,7 @@ class SessionRecorder:
                 "progress": self.progress,
                 "last_seq": self.seq,
                 "seq_ceiling": ceiling,
-                **fields,
+                **{name: storable(value) for name, value in fields.items()},
             }
             async with transaction(self.db) as session:
                 cancel = await SessionRepository(session).update_run(
@@ -406,6 +464,7 @@ class SessionRecorder:
                     progress=self.progress,
                     last_seq=self.seq,
                     seq_ceiling=self.seq,
+                    run_attempts=self.runs - 1,  # handed on, not crashed: not counted
                 )
 
     async def _finish(
@@ -423,19 +482,40 @@ class SessionRecorder:
             with contextlib.suppress(SessionEnded):
                 await self._flush_locked()
             seq = self.seq + 1
-            async with transaction(self.db) as session:
-                done = await SessionRepository(session).update_run(
-                    self.session_id,
-                    self.attempt,
-                    status=status,
-                    stage=self.stage,
-                    progress=self.progress,
-                    last_seq=seq,
-                    seq_ceiling=seq,
-                    cancel_requested=False,
-                    completed_at=utcnow(),
-                    **fields,
+            ending = {
+                "status": status,
+                "stage": self.stage,
+                "progress": self.progress,
+                "last_seq": seq,
+                "seq_ceiling": seq,
+                "cancel_requested": False,
+                "completed_at": utcnow(),
+            }
+            outputs = {name: storable(value) for name, value in fields.items()}
+            try:
+                done = await self._write_terminal(**ending, **outputs)
+            except StatementError as exc:
+                if isinstance(exc, DBAPIError) and is_disconnect(exc):
+                    raise
+                # Refused for good (a constraint, a trigger, a value it cannot hold): end the
+                # session without this run's outputs rather than leave it to be run again.
+                log.error(
+                    "the terminal write was refused; ending without the outputs", **refusal(exc)
                 )
+                kept: dict[str, Any] = {}
+                if status is SessionStatus.COMPLETED:
+                    status, kind = SessionStatus.ERROR, EventKind.FAILED
+                    kept = {
+                        "error_code": ErrorCode.DATABASE_ERROR.name,
+                        "error_message": STORE_FAILED,
+                    }
+                elif status is SessionStatus.ERROR:
+                    kept = {name: outputs[name] for name in ("error_code", "error_message")}
+                if kept:
+                    payload = json.dumps(
+                        {"code": kept["error_code"], "message": kept["error_message"]}
+                    )
+                done = await self._write_terminal(**{**ending, "status": status}, **kept)
             if done is None:
                 return False
             self.seq = seq
@@ -444,6 +524,12 @@ class SessionRecorder:
             await self._send(self._event(kind, seq, None, payload), terminal=True)
             return True
 
+    async def _write_terminal(self, **values: Any) -> bool | None:
+        async with transaction(self.db) as session:
+            return await SessionRepository(session).update_run(
+                self.session_id, self.attempt, **values
+            )
+
     async def complete(self, **fields: Any) -> bool:
         self.progress = 1.0
         return await self._finish(
@@ -451,6 +537,7 @@ class SessionRecorder:
         )
 
     async def fail(self, code: ErrorCode, message: str, **fields: Any) -> bool:
+        message = storable_text(message)
         payload = json.dumps({"code": code.name, "message": message})
         return await self._finish(
             EventKind.FAILED,

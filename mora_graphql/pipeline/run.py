@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
 
 from mora_graphql.cache import CacheUnavailable
-from mora_graphql.db import is_disconnect
+from mora_graphql.db import is_disconnect, refusal
 from mora_graphql.errors import ErrorCode, PipelineError
 from mora_graphql.models import PipelineStage
 from mora_graphql.pipeline.caching import CachedResult, lease_token, result_key
@@ -26,6 +26,7 @@ from mora_graphql.pipeline.context import (
     RunContext,
 )
 from mora_graphql.pipeline.recorder import (
+    STORE_FAILED,
     CancelRequested,
     Pacing,
     SessionEnded,
@@ -90,7 +91,13 @@ class PipelineRunner:
             flush_interval=deps.settings.delta_flush_interval,
         )
         starting = asyncio.ensure_future(
-            SessionRecorder.begin(deps.db, deps.bus, session_id, pacing=pacing)
+            SessionRecorder.begin(
+                deps.db,
+                deps.bus,
+                session_id,
+                pacing=pacing,
+                max_runs=deps.settings.max_session_attempts,
+            )
         )
         try:
             recorder = await asyncio.shield(starting)
@@ -127,14 +134,13 @@ class PipelineRunner:
             log.info("session failed", code=exc.code.name, error=exc.message)
             mark_failed(exc.code.name, exc.message)
             await recorder.fail(exc.code, exc.message, usage=usage_json(usage))
-        except DBAPIError as exc:
-            if not is_disconnect(exc):
-                log.exception("session crashed")
-                await recorder.fail(
-                    ErrorCode.INTERNAL_ERROR,
-                    "Internal error while processing the video.",
-                    usage=usage_json(usage),
-                )
+        except StatementError as exc:
+            if not (isinstance(exc, DBAPIError) and is_disconnect(exc)):
+                # A statement the database (or the driver) refuses, e.g. a constraint or a
+                # value it cannot hold, would be refused again by every later run: end now.
+                log.error("the database refused a write of the run", **refusal(exc))
+                mark_failed(ErrorCode.DATABASE_ERROR.name, STORE_FAILED)
+                await recorder.fail(ErrorCode.DATABASE_ERROR, STORE_FAILED, usage=usage_json(usage))
                 return RunOutcome(tuple(wake))
             # The session stays PROCESSING: the queue runs the job again, which resumes it
             # (CodeReset, seq continued) on a fresh connection.

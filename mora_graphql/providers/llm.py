@@ -6,6 +6,8 @@ which only retries errors whose `retryable` is True.
 Streamed answers go through the SDK's client (base URL, auth, timeouts, status errors) but
 their server-sent events are decoded here, with orjson into plain dicts: building the SDK's
 pydantic chunk models was most of the client's CPU per streamed token (`bench/llm_chunks.py`).
+Model text is handed on as `storable_text` (no NUL, which a prompt can ask for and PostgreSQL
+cannot store), so what the run streams is what it stores.
 Transport failures and `error` objects inside the stream are raised as the SDK's own
 exception types, so `_translate` maps every failure in one place.
 """
@@ -27,6 +29,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 from openai.types.completion_usage import CompletionUsage
 
 from mora_graphql.config import Settings
+from mora_graphql.db import storable_text
 from mora_graphql.errors import ErrorCode
 from mora_graphql.providers.sse import sse_data
 from mora_graphql.tracing import enabled as tracing_enabled
@@ -247,6 +250,8 @@ class LLMClient:
         if not response.choices:
             raise LLMError("the LLM API returned no choices", retryable=True)
         content = response.choices[0].message.content
+        if content:
+            content = storable_text(content)
         if not content or not content.strip():
             raise LLMError("the LLM returned an empty answer", retryable=True)
         if usage is not None:
@@ -330,10 +335,10 @@ def _chunk_parts(chunk: dict[str, Any]) -> list[tuple[LLMChunk | None, str | Non
         delta = choice.get("delta")
         if isinstance(delta, dict):
             reasoning = delta.get("reasoning_content")
-            if isinstance(reasoning, str) and reasoning:
+            if isinstance(reasoning, str) and (reasoning := storable_text(reasoning)):
                 parts.append((LLMChunk("reasoning", reasoning), None))
             content = delta.get("content")
-            if isinstance(content, str) and content:
+            if isinstance(content, str) and (content := storable_text(content)):
                 parts.append((LLMChunk("content", content), None))
         reason = choice.get("finish_reason")
         if isinstance(reason, str):

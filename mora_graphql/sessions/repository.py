@@ -23,8 +23,10 @@ RUN_RESET: dict[str, Any] = {
     "error_message": None,
     "completed_at": None,
     "cancel_requested": False,
+    "run_attempts": 0,
 }
-"""What a new run of a session starts without."""
+"""What a new run of a session starts without (a run's start sets `run_attempts` itself;
+a retried session starts counting again)."""
 
 SESSIONS = cast("Table", VideoSession.__table__)
 SessionRow = Row[Any]
