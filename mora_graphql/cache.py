@@ -59,11 +59,18 @@ class MemoryCache:
     """LRU bounded by entries and by bytes (keys plus values); expired entries are dropped
     when read or when they reach the front of the eviction order."""
 
-    def __init__(self, max_entries: int = 10_000, max_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        max_entries: int = 10_000,
+        max_bytes: int = 64 * 1024 * 1024,
+        max_leases: int = 10_000,
+    ) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
+        self.max_leases = max_leases
         self.bytes = 0
         self._data: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        self._leases: dict[str, tuple[float, str]] = {}
 
     def __len__(self) -> int:
         return len(self._data)
@@ -116,31 +123,51 @@ class MemoryCache:
     async def delete(self, key: str) -> None:
         self._drop(key)
 
-    # No await inside these: each is atomic on the event loop.
+    # Leases live apart from the cached values, so that no amount of cached data can evict
+    # a live lease (which would let a second run start). No await inside these: each is
+    # atomic on the event loop.
+
+    def _lease(self, key: str) -> str | None:
+        item = self._leases.get(key)
+        if item is None:
+            return None
+        if item[0] <= time.monotonic():
+            del self._leases[key]
+            return None
+        return item[1]
+
+    def _hold(self, key: str, token: str, ttl: float) -> None:
+        self._leases[key] = (time.monotonic() + ttl, token)
 
     async def claim(self, key: str, token: str, ttl: float) -> str:
-        held = self._live(key)
+        held = self._lease(key)
         if held is not None:
             return held
-        self._store(key, token, ttl)
+        if len(self._leases) >= self.max_leases:
+            now = time.monotonic()
+            for name in [name for name, (expires, _) in self._leases.items() if expires <= now]:
+                del self._leases[name]
+            if len(self._leases) >= self.max_leases:
+                raise CacheUnavailable(f"{self.max_leases} leases are held")
+        self._hold(key, token, ttl)
         return token
 
     async def extend(self, key: str, token: str, ttl: float) -> bool:
-        if self._live(key) != token:
+        if self._lease(key) != token:
             return False
-        self._store(key, token, ttl)
+        self._hold(key, token, ttl)
         return True
 
     async def release(self, key: str, token: str) -> bool:
-        if self._live(key) != token:
+        if self._lease(key) != token:
             return False
-        self._drop(key)
+        del self._leases[key]
         return True
 
     async def replace(self, key: str, old: str, new: str, ttl: float) -> bool:
-        if self._live(key) != old:
+        if self._lease(key) != old:
             return False
-        self._store(key, new, ttl)
+        self._hold(key, new, ttl)
         return True
 
 

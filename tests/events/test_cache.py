@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from redis.asyncio import Redis
 
-from mora_graphql.cache import Cache, MemoryCache, RedisCache
+from mora_graphql.cache import Cache, CacheUnavailable, MemoryCache, RedisCache
 
 
 async def test_get_set_add_delete_and_expiry(cache: Cache) -> None:
@@ -73,3 +74,24 @@ async def test_memory_add_is_atomic_under_concurrency() -> None:
     cache = MemoryCache()
     won = await asyncio.gather(*(cache.add("lease", str(i), ttl=60) for i in range(50)))
     assert won.count(True) == 1
+
+
+async def test_cached_data_never_evicts_a_live_lease() -> None:
+    cache = MemoryCache(max_entries=3, max_bytes=2_000)
+    assert await cache.claim("lease", "a", ttl=60) == "a"
+    for index in range(50):
+        await cache.set(f"k{index}", "y" * 500, ttl=60)
+    assert await cache.claim("lease", "b", ttl=60) == "a"
+    assert await cache.release("lease", "a")
+
+
+async def test_leases_are_bounded_and_a_full_table_fails_closed() -> None:
+    cache = MemoryCache(max_leases=3)
+    for index in range(3):
+        assert await cache.claim(f"l{index}", "t", ttl=60) == "t"
+    with pytest.raises(CacheUnavailable):
+        await cache.claim("l3", "t", ttl=60)
+    assert await cache.release("l0", "t")
+    assert await cache.claim("l3", "t", ttl=0.05) == "t"
+    await asyncio.sleep(0.1)
+    assert await cache.claim("l4", "u", ttl=60) == "u"  # the expired lease made room
