@@ -186,7 +186,7 @@ async def run_transaction(db: Database, work: Callable[[AsyncSession], Awaitable
     `after_commit` actions are dropped with the failed attempt). A connection lost during
     COMMIT leaves the outcome unknown: DatabaseUnavailable, never a second run."""
     for last in (False, True):
-        commit_sent = False
+        commit_sent = committed = False
         try:
             async with db() as session:
                 try:
@@ -197,10 +197,11 @@ async def run_transaction(db: Database, work: Callable[[AsyncSession], Awaitable
                 except BaseException:
                     await session.rollback()
                     raise
+                committed = True
                 await _run_after_commit(session)
                 return result
         except DBAPIError as exc:
-            if not exc.connection_invalidated:
+            if committed or not exc.connection_invalidated:
                 raise
             if commit_sent:
                 raise _unavailable(exc, _UNKNOWN_OUTCOME) from exc

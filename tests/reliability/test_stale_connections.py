@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 from sqlalchemy.util import await_
 
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, make_settings, start_server
 from tests.fakes.fixtures import OPENAI_TEST_KEY, openai_server_fixture  # noqa: F401
 from tests.fakes.openai_server import FakeOpenAI, Hang
 from tests.wsclient import PROTOCOLS, connect, subscribe
@@ -220,3 +220,17 @@ async def test_a_connection_lost_during_commit_is_a_coded_error_not_a_retry(
     assert listed == {"data": {"sessions": {"edges": []}}}
     logged = capfd.readouterr().err
     assert "[error" not in logged and "Traceback" not in logged, logged
+
+
+async def test_a_transaction_run_again_counts_once_against_the_run_budget(
+    clean_db: str, settings_overrides: dict[str, Any]
+) -> None:
+    settings = make_settings(clean_db, **settings_overrides, max_requests_per_minute=1)
+    async for live in start_server(settings):
+        token = await live.register()
+        await fill_pool(live.services.engine)
+        await kill_backends(clean_db)
+        first = await live.gql(CREATE, {"url": "https://youtu.be/dQw4w9WgXcQ"}, token)
+        assert "errors" not in first, first
+        second = await live.gql(CREATE, {"url": "https://youtu.be/9bZkp7q19f0"}, token)
+        assert [e["extensions"]["code"] for e in second["errors"]] == ["RATE_LIMITED"]
