@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 
 import procrastinate
+import psycopg
 import structlog
 from procrastinate import exceptions as pexc
 from procrastinate.job_context import AbortReason, JobContext
@@ -85,8 +86,17 @@ class ProcrastinateQueue:
         trace = carrier()
         if trace is not None:
             kwargs["trace"] = trace
+        job = task.configure(lock=key, queueing_lock=key)
         with contextlib.suppress(pexc.AlreadyEnqueued):
-            await task.configure(lock=key, queueing_lock=key).defer_async(**kwargs)
+            try:
+                await job.defer_async(**kwargs)
+            except pexc.ConnectorException as exc:
+                # A connection lost mid-defer (a killed backend): once more on a fresh one. If
+                # the first defer did commit, the queueing lock refuses the second.
+                if not isinstance(exc.__cause__, psycopg.OperationalError):
+                    raise
+                log.warning("job queue connection lost; deferring again", error=repr(exc))
+                await job.defer_async(**kwargs)
 
     async def _jobs(self, session_id: uuid.UUID, status: Status) -> list[Any]:
         return list(
