@@ -33,8 +33,8 @@ class Settings(BaseSettings):
 
     database_url: str = DEFAULT_SQLITE_URL
     database_pool_size: int = 10
-    database_pool_recycle: int = 1800
-    database_pool_pre_ping: bool = True
+    database_pool_recycle: int = 300
+    database_pool_pre_ping: bool = False
     web_concurrency: int = Field(default=1, ge=1, le=64)
     database_echo: bool = False
     redis_url: str | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import structlog
@@ -24,6 +24,9 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.types import TypeDecorator
 
 from mora_graphql.config import Settings
+from mora_graphql.errors import DatabaseUnavailable
+
+T = TypeVar("T")
 
 log = structlog.get_logger("mora.db")
 
@@ -128,6 +131,12 @@ def refusal(exc: StatementError) -> dict[str, str]:
     }
 
 
+def connection_lost(exc: BaseException) -> bool:
+    """The statement failed because its connection was dead. SQLAlchemy has then invalidated
+    it, and the pool replaces every connection opened before it on their next checkout."""
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -183,6 +192,15 @@ def after_commit(session: AsyncSession, action: Callable[[], Awaitable[object]])
     session.info.setdefault(_AFTER_COMMIT, []).append(action)
 
 
+async def _run_after_commit(session: AsyncSession) -> None:
+    actions: list[Callable[[], Awaitable[object]]] = session.info.pop(_AFTER_COMMIT, [])
+    for action in actions:
+        try:
+            await action()
+        except Exception:
+            log.exception("action after commit failed")
+
+
 @asynccontextmanager
 async def transaction(db: Database) -> AsyncIterator[AsyncSession]:
     """One unit of work: commits once on success, rolls back on any error; then the
@@ -195,9 +213,66 @@ async def transaction(db: Database) -> AsyncIterator[AsyncSession]:
         except BaseException:
             await session.rollback()
             raise
-        actions: list[Callable[[], Awaitable[object]]] = session.info.pop(_AFTER_COMMIT, [])
-        for action in actions:
-            try:
-                await action()
-            except Exception:
-                log.exception("action after commit failed")
+        await _run_after_commit(session)
+
+
+_UNKNOWN_OUTCOME = (
+    "The database connection was lost while saving: the change may or may not have been "
+    "made. Read it back before trying again."
+)
+
+
+def _unavailable(exc: DBAPIError, message: str | None = None) -> DatabaseUnavailable:
+    log.warning(
+        "database unavailable", error=type(exc.orig).__name__, outcome_unknown=bool(message)
+    )
+    return DatabaseUnavailable(message)
+
+
+async def run_read(db: Database, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    """`work` (reads only) on a session of its own. The pool does not test connections on
+    checkout, so a pooled connection whose backend is gone fails its first statement: then
+    `work` runs once more, on a fresh connection. DatabaseUnavailable when that fails too."""
+    for last in (False, True):
+        try:
+            async with db() as session:
+                return await work(session)
+        except DBAPIError as exc:
+            if not is_disconnect(exc):
+                raise
+            if last:
+                raise _unavailable(exc) from exc
+            log.info("read runs again on a fresh connection", error=type(exc.orig).__name__)
+    raise AssertionError("unreachable")
+
+
+async def run_transaction(db: Database, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    """`work` in one `transaction`, returning its result. A connection found dead before
+    COMMIT was sent (a stale pooled connection fails at BEGIN) wrote nothing, so `work` runs
+    once more on a fresh connection; it must not repeat effects outside the database (its
+    `after_commit` actions are dropped with the failed attempt). A connection lost during
+    COMMIT leaves the outcome unknown: DatabaseUnavailable, never a second run."""
+    for last in (False, True):
+        commit_sent = committed = False
+        try:
+            async with db() as session:
+                try:
+                    result = await work(session)
+                    await session.flush()
+                    commit_sent = True
+                    await session.commit()
+                except BaseException:
+                    await session.rollback()
+                    raise
+                committed = True
+                await _run_after_commit(session)
+                return result
+        except DBAPIError as exc:
+            if committed or not is_disconnect(exc):
+                raise
+            if commit_sent:
+                raise _unavailable(exc, _UNKNOWN_OUTCOME) from exc
+            if last:
+                raise _unavailable(exc) from exc
+            log.info("transaction runs again on a fresh connection", error=type(exc.orig).__name__)
+    raise AssertionError("unreachable")

@@ -126,6 +126,12 @@ class Conflict(MoraError):
     code = ErrorCode.CONFLICT
 
 
+class DatabaseUnavailable(MoraError):
+    """The database could not be reached (or the connection was lost) for this request."""
+
+    code = ErrorCode.DATABASE_ERROR
+
+
 class RateLimited(MoraError):
     code = ErrorCode.RATE_LIMITED
 

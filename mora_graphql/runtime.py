@@ -24,6 +24,7 @@ from mora_graphql.db import (
     create_engine,
     create_read_sessionmaker,
     create_sessionmaker,
+    run_read,
 )
 from mora_graphql.events.bus import EventBus, MemoryEventBus
 from mora_graphql.events.redis_bus import RedisEventBus
@@ -71,8 +72,7 @@ class Runtime:
         )
 
     async def database_ready(self) -> bool:
-        async with self.engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
+        await run_read(self.reads, lambda session: session.execute(text("SELECT 1")))
         return True
 
     async def redis_ready(self) -> bool | None:

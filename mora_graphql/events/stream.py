@@ -10,7 +10,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
-from mora_graphql.db import Database, utcnow
+from mora_graphql.db import Database, run_read, utcnow
 from mora_graphql.errors import NotFound
 from mora_graphql.events.bus import EventBus, Subscriber
 from mora_graphql.events.types import EventKind, SessionEvent
@@ -90,8 +90,9 @@ async def replay_pages(
 async def load_visible(
     db: Database, session_id: uuid.UUID, owner_id: uuid.UUID | None
 ) -> VideoSession:
-    async with db() as session:
-        row = await SessionRepository(session).get_visible(session_id, owner_id)
+    row = await run_read(
+        db, lambda session: SessionRepository(session).get_visible(session_id, owner_id)
+    )
     if row is None:
         raise NotFound("Session not found.")
     return row

@@ -8,6 +8,7 @@ from typing import Any
 
 import strawberry
 
+from mora_graphql.db import run_read
 from mora_graphql.errors import ErrorCode, NotFound
 from mora_graphql.events.stream import Snapshot
 from mora_graphql.events.types import EventKind
@@ -63,8 +64,8 @@ class TimelineReady(SessionEvent):
 class SessionCompleted(SessionEvent):
     @strawberry.field
     async def session(self, info: Info) -> Session:
-        async with info.context.deps.db() as db:
-            row = await SessionRepository(db).get(uuid.UUID(self.session_id))
+        ident = uuid.UUID(self.session_id)
+        row = await run_read(info.context.deps.db, lambda db: SessionRepository(db).get(ident))
         if row is None:
             raise NotFound("Session not found.")
         return Session.of(row)

@@ -1,16 +1,19 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 import strawberry
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from mora_graphql.auth.service import AuthResult, AuthService
-from mora_graphql.db import transaction
+from mora_graphql.db import run_transaction
 from mora_graphql.errors import Forbidden
 from mora_graphql.graphql.context import Info
 from mora_graphql.graphql.types import AuthPayload, CreateSessionInput, Session, user_type
 from mora_graphql.models import VideoSession
+from mora_graphql.sessions.service import Admit
 
 
 def _auth_payload(result: AuthResult) -> AuthPayload:
@@ -37,6 +40,20 @@ async def _limit_pipeline_runs(info: Info) -> None:
     )
 
 
+def _once(action: Callable[[], Awaitable[None]]) -> Admit:
+    """`action` on the first call only: a transaction run again on a fresh connection does
+    not count the run twice."""
+    done = False
+
+    async def run() -> None:
+        nonlocal done
+        if not done:
+            await action()
+            done = True
+
+    return run
+
+
 @strawberry.type
 class Mutation:
     @strawberry.mutation
@@ -51,8 +68,9 @@ class Mutation:
         await limiter.hit(
             settings.register_rate_limit_per_account, "register-account", _account_key(email)
         )
-        async with transaction(info.context.deps.db) as db:
-            result = await AuthService(db, info.context.deps.settings).register(email, password)
+        result = await run_transaction(
+            info.context.deps.db, lambda db: AuthService(db, settings).register(email, password)
+        )
         return _auth_payload(result)
 
     @strawberry.mutation
@@ -62,8 +80,9 @@ class Mutation:
         account = _account_key(email)
         await limiter.hit(settings.login_rate_limit_per_ip, "login-ip", info.context.client_ip)
         await limiter.hit(settings.login_rate_limit_per_account, "login-account", account)
-        async with transaction(info.context.deps.db) as db:
-            result = await AuthService(db, settings).login(email, password)
+        result = await run_transaction(
+            info.context.deps.db, lambda db: AuthService(db, settings).login(email, password)
+        )
         await limiter.clear(settings.login_rate_limit_per_account, "login-account", account)
         return _auth_payload(result)
 
@@ -74,8 +93,10 @@ class Mutation:
         )
     )
     async def refresh_token(self, info: Info, refresh_token: str) -> AuthPayload:
-        async with transaction(info.context.deps.db) as db:
-            outcome = await AuthService(db, info.context.deps.settings).refresh(refresh_token)
+        settings = info.context.deps.settings
+        outcome = await run_transaction(
+            info.context.deps.db, lambda db: AuthService(db, settings).refresh(refresh_token)
+        )
         if not isinstance(outcome, AuthResult):
             raise outcome
         return _auth_payload(outcome)
@@ -84,22 +105,27 @@ class Mutation:
         description="Revoke the refresh token and every token rotated from the same sign-in."
     )
     async def logout(self, info: Info, refresh_token: str) -> bool:
-        async with transaction(info.context.deps.db) as db:
-            return await AuthService(db, info.context.deps.settings).logout(refresh_token)
+        settings = info.context.deps.settings
+        return await run_transaction(
+            info.context.deps.db, lambda db: AuthService(db, settings).logout(refresh_token)
+        )
 
     @strawberry.mutation(description="Validate the video URL and start processing it.")
     async def create_session(self, info: Info, input: CreateSessionInput) -> Session:
         service = info.context.session_service()
+        admit = _once(partial(_limit_pipeline_runs, info))
         try:
-            async with transaction(info.context.deps.db) as db:
-                row = await service.create(
+            row = await run_transaction(
+                info.context.deps.db,
+                lambda db: service.create(
                     db,
                     video_url=input.video_url,
                     language=input.language,
                     subtitles=input.subtitles,
                     force_refresh=input.force_refresh,
-                    admit=partial(_limit_pipeline_runs, info),
-                )
+                    admit=admit,
+                ),
+            )
         finally:
             # Also when the request failed after the insert: the row may exist.
             await info.context.session_written(None, service.principal.user_id)
@@ -110,8 +136,7 @@ class Mutation:
         service = info.context.session_service()
         row: VideoSession | None = None
         try:
-            async with transaction(info.context.deps.db) as db:
-                row = await service.cancel(db, id)
+            row = await run_transaction(info.context.deps.db, lambda db: service.cancel(db, id))
         finally:
             if row is not None:
                 await info.context.session_written(row.id, row.owner_id)
@@ -121,9 +146,11 @@ class Mutation:
     async def retry_session(self, info: Info, id: strawberry.ID) -> Session:
         service = info.context.session_service()
         row: VideoSession | None = None
+        admit = _once(partial(_limit_pipeline_runs, info))
         try:
-            async with transaction(info.context.deps.db) as db:
-                row = await service.retry(db, id, admit=partial(_limit_pipeline_runs, info))
+            row = await run_transaction(
+                info.context.deps.db, lambda db: service.retry(db, id, admit=admit)
+            )
         finally:
             if row is not None:
                 await info.context.session_written(row.id, row.owner_id)
@@ -133,10 +160,14 @@ class Mutation:
     async def delete_session(self, info: Info, id: strawberry.ID) -> bool:
         service = info.context.session_service()
         row: VideoSession | None = None
+
+        async def delete(db: AsyncSession) -> bool:
+            nonlocal row
+            row = await service.require(db, id)
+            return await service.delete(db, id)
+
         try:
-            async with transaction(info.context.deps.db) as db:
-                row = await service.require(db, id)
-                deleted = await service.delete(db, id)
+            deleted = await run_transaction(info.context.deps.db, delete)
         finally:
             if row is not None:
                 await info.context.session_written(row.id, row.owner_id)

@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from strawberry.types.nodes import FragmentSpread, InlineFragment, SelectedField, Selection
 
 from mora_graphql.auth.service import AuthService
+from mora_graphql.db import run_read
 from mora_graphql.errors import BadUserInput
 from mora_graphql.graphql.context import Info
 from mora_graphql.graphql.response_cache import list_tag, session_tag, user_tag
@@ -30,15 +31,11 @@ T = TypeVar("T")
 
 
 async def _read(info: Info, read: Callable[[AsyncSession], Awaitable[T]]) -> T:
-    """One read on its own pooled connection, shielded: when a sibling field fails, the
-    executor cancels the others, and a read cancelled mid-statement would leave its connection
-    for the garbage collector instead of returning it to the pool."""
-
-    async def run() -> T:
-        async with info.context.deps.reads() as db:
-            return await read(db)
-
-    return await asyncio.shield(asyncio.ensure_future(run()))
+    """One read on its own pooled connection (again on a fresh one if that was dead), shielded:
+    when a sibling field fails, the executor cancels the others, and a read cancelled
+    mid-statement would leave its connection for the garbage collector instead of returning it
+    to the pool."""
+    return await asyncio.shield(asyncio.ensure_future(run_read(info.context.deps.reads, read)))
 
 
 def _field_names(selections: list[Selection], path: tuple[str, ...]) -> set[str] | None:

@@ -9,13 +9,14 @@ import uuid
 from typing import Any
 
 import procrastinate
+import psycopg
 import structlog
 from procrastinate import exceptions as pexc
 from procrastinate.job_context import AbortReason, JobContext
 from procrastinate.jobs import Status
 from sqlalchemy.engine import make_url
 
-from mora_graphql.db import Database
+from mora_graphql.db import Database, run_read
 from mora_graphql.jobs.base import RunSession
 from mora_graphql.sessions.repository import SessionRepository
 from mora_graphql.tracing import carrier, job_span
@@ -95,7 +96,15 @@ async def defer(
             schedule_at=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay),
         )
     with contextlib.suppress(pexc.AlreadyEnqueued):
-        await configured.defer_async(**kwargs)
+        try:
+            await configured.defer_async(**kwargs)
+        except pexc.ConnectorException as exc:
+            # A connection lost mid-defer (a killed backend): once more on a fresh one. If the
+            # first defer did commit, the queueing lock refuses the second.
+            if not isinstance(exc.__cause__, psycopg.OperationalError):
+                raise
+            log.warning("job queue connection lost; deferring again", error=repr(exc))
+            await configured.defer_async(**kwargs)
 
 
 class ProcrastinateQueue:
@@ -140,8 +149,9 @@ class ProcrastinateQueue:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cancel_wait
         while loop.time() < deadline:
-            async with self.db() as session:
-                status = await SessionRepository(session).status_of(session_id)
+            status = await run_read(
+                self.db, lambda session: SessionRepository(session).status_of(session_id)
+            )
             if status is None or status.is_terminal:
                 return
             await asyncio.sleep(0.05)
@@ -165,10 +175,12 @@ async def retry_stalled_jobs(app: procrastinate.App, *, heartbeat_timeout: float
 async def orphaned_sessions(db: Database, *, older_than: float) -> list[uuid.UUID]:
     """Unfinished sessions without a queued (retrying included) or running job."""
     cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=older_than)
-    async with db() as session:
-        return await SessionRepository(session).without_job(
+    return await run_read(
+        db,
+        lambda session: SessionRepository(session).without_job(
             updated_before=cutoff, job_statuses=ACTIVE_JOB_STATUSES
-        )
+        ),
+    )
 
 
 async def install_schema(app: procrastinate.App) -> bool:

@@ -62,12 +62,17 @@ async def announce(bus: EventBus, event: SessionEvent, attempt: int) -> None:
         log.warning("event not published", seq=event.seq, outcome=outcome.value)
 
 
+QUEUE_TIMEOUT = 5.0
+"""Seconds a request waits for its run to be queued before leaving it to the reconciler."""
+
+
 async def queue_run(queue: JobQueue, session_id: uuid.UUID) -> None:
     """Queue the run a committed CREATED row owes. The row is the outbox: when queueing fails
     the reconciler queues the session later, so the request that created it still succeeds
-    (and a job queued twice runs once: the queues refuse a second job of the same session)."""
+    (and a job queued twice runs once: the queues refuse a second job of the same session).
+    The wait is bounded, so a job queue out of connections cannot hold the answer up."""
     try:
-        await queue.enqueue(session_id)
+        await asyncio.wait_for(queue.enqueue(session_id), QUEUE_TIMEOUT)
     except Exception as exc:
         log.warning(
             "run not queued; the reconciler will queue it",
