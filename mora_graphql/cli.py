@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 from mora_graphql.config import Settings, SettingsError, get_settings
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -40,11 +42,12 @@ def freeze_after_startup(app: ASGIApp) -> ASGIApp:
     heap (modules, schema, clients) and paused the event loop for up to 465 ms, the worst
     delivery latencies of the run."""
 
-    async def app_with_frozen_heap(scope: Scope, receive: Receive, send: Send) -> None:
+    def app_with_frozen_heap(scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         if scope["type"] != "lifespan":
-            await app(scope, receive, send)
-            return
+            return app(scope, receive, send)  # no frame of ours for a connection's life
+        return lifespan(scope, receive, send)
 
+    async def lifespan(scope: Scope, receive: Receive, send: Send) -> None:
         async def send_after_freeze(message: Message) -> None:
             if message["type"] == "lifespan.startup.complete":
                 gc.collect()
@@ -80,7 +83,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         # without it), and frames of a few hundred bytes gain little from it. The sans-I/O
         # websockets protocol needs no keepalive/transfer tasks per connection (34 KB of
         # RSS per parked subscription with 2,000 of them).
-        "ws": "websockets-sansio",
+        "ws": "mora_graphql.wsserver:LeanWebSocketProtocol",
+        "interface": "asgi3",  # the app is a plain function returning a coroutine
         "ws_per_message_deflate": False,
     }
     if workers > 1:

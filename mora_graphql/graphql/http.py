@@ -397,6 +397,7 @@ class MoraGraphQL(GraphQL[Context, None]):
     async def on_ws_connect(self, context: Context) -> UnsetType | dict[str, object] | None:
         params = context.connection_params if isinstance(context.connection_params, dict) else {}
         raw = params.get("Authorization") or params.get("authorization") or params.get("authToken")
+        context.connection_params = None  # read once: the connection keeps its principal only
         if raw is None:
             context.set_principal(None)
             return None

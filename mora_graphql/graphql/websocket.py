@@ -364,6 +364,10 @@ class TransportWSHandler(_ExpiryMixin, _FeedMixin, BaseGraphQLTransportWSHandler
                     operation.operation_name,
                 )
                 joined = True
+                # The feed has what it needs: the finished task and the document can go.
+                operation.task = None
+                operation.query = ""
+                operation.variables = None
                 return
             await operation.send_operation_message({"id": operation.id, "type": "complete"})
         except _OperationStreamClosed:
@@ -384,7 +388,9 @@ class TransportWSHandler(_ExpiryMixin, _FeedMixin, BaseGraphQLTransportWSHandler
             operation.completed = True
 
     async def cleanup_operation(self, operation_id: str) -> None:
-        self._leave_feed(operation_id)
+        if self._leave_feed(operation_id):
+            self.operations.pop(operation_id, None)
+            return
         await super().cleanup_operation(operation_id)
 
     async def shutdown(self) -> None:
