@@ -64,6 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from mora_graphql.app import create_app
+    from mora_graphql.wsserver import WEBSOCKET_OPTIONS
 
     settings = _settings_or_exit()
     workers = args.workers or settings.web_concurrency
@@ -78,14 +79,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         "forwarded_allow_ips": settings.forwarded_allow_ips,
         "ws_max_size": settings.max_ws_message_bytes,
         "timeout_graceful_shutdown": int(settings.worker_shutdown_timeout),
-        # Measured with 100 subscribers of one session at 100 events/s: per-message deflate
-        # compresses every frame once per subscriber (server CPU 57 -> 42 us per delivery
-        # without it), and frames of a few hundred bytes gain little from it. The sans-I/O
-        # websockets protocol needs no keepalive/transfer tasks per connection (34 KB of
-        # RSS per parked subscription with 2,000 of them).
-        "ws": "mora_graphql.wsserver:LeanWebSocketProtocol",
         "interface": "asgi3",  # the app is a plain function returning a coroutine
-        "ws_per_message_deflate": False,
+        **WEBSOCKET_OPTIONS,
     }
     if workers > 1:
         # Each process builds its own app, pools and connections from the same settings,
