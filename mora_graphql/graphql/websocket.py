@@ -45,6 +45,7 @@ from strawberry.utils.aio import aclosing
 from mora_graphql.auth.tokens import Principal
 from mora_graphql.errors import RateLimited, Unauthenticated
 from mora_graphql.graphql.context import Context
+from mora_graphql.graphql.deadlines import Deadline, deadlines
 from mora_graphql.graphql.feed import (
     Execute,
     Handoff,
@@ -172,7 +173,7 @@ class _ExpiryMixin:
 
     context: Context
     websocket: AsyncWebSocketAdapter
-    _expiry: asyncio.TimerHandle | asyncio.Task[None] | None
+    _expiry: Deadline | asyncio.Task[None] | None
 
     def _principal(self) -> Principal | None:
         try:
@@ -181,13 +182,13 @@ class _ExpiryMixin:
             return None
 
     def _watch_expiry(self) -> None:
-        """A timer, not a sleeping task: an idle connection should cost little memory."""
+        """An entry of the loop's shared deadlines, not a task or a timer of its own: an idle
+        connection should cost little memory."""
         self._cancel_expiry()
         principal = self._principal()
         if principal is not None:
             delay = (principal.expires_at - dt.datetime.now(dt.UTC)).total_seconds()
-            loop = asyncio.get_running_loop()
-            self._expiry = loop.call_later(max(0.0, delay), self._expired)
+            self._expiry = deadlines().call_later(delay, self._expired)
 
     def _expired(self) -> None:
         self._expiry = asyncio.ensure_future(self._expire())
