@@ -420,9 +420,11 @@ class LegacyWSHandler(_ExpiryMixin, _FeedMixin, BaseGraphQLWSHandler["Context", 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._ended: set[str] = set()
+        self._closing: asyncio.Future[None] | None = None
 
     async def handle(self) -> None:
-        timeout = asyncio.create_task(self._init_timeout())
+        seconds = self.context.deps.settings.ws_connection_init_timeout
+        timeout = deadlines().call_later(seconds, self._init_timed_out)
         try:
             try:
                 async for message in self.websocket.iter_json():
@@ -442,11 +444,11 @@ class LegacyWSHandler(_ExpiryMixin, _FeedMixin, BaseGraphQLWSHandler["Context", 
             await self.cleanup()
             self._close_writer()
 
-    async def _init_timeout(self) -> None:
-        seconds = self.context.deps.settings.ws_connection_init_timeout
-        await asyncio.sleep(seconds)
+    def _init_timed_out(self) -> None:
         if not self.connection_acknowledged:
-            await self.websocket.close(CLOSE_INIT_TIMEOUT, "Connection initialisation timeout")
+            self._closing = asyncio.ensure_future(
+                self.websocket.close(CLOSE_INIT_TIMEOUT, "Connection initialisation timeout")
+            )
 
     async def handle_message(self, message: OperationMessage) -> None:
         if malformed(message, self._operation_types, self._id_types, self._known):
