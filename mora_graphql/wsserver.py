@@ -2,10 +2,11 @@
 
 Measured with tracemalloc over 2,000 parked subscriptions (one connection each), the stock
 protocol kept per connection: the parsed handshake request and the response (their headers
-twice over, as a list and a dict: 3.4 KB), an `asyncio.Queue` for received messages and an
-`asyncio.Event` for write flow control (five deques of 760 B each: 3.8 KB). Here the handshake
-objects are dropped once the response is sent, and the queue and the event are replaced by
-small equivalents that allocate a container only while one is needed.
+twice over, as a list and a dict, besides the scope's copy: 3.4 KB), an `asyncio.Queue` for
+received messages and an `asyncio.Event` for write flow control (five deques of 760 B each:
+3.8 KB). Here the handshake headers are dropped once the response is sent, and the queue and
+the event are replaced by small equivalents that allocate a container only while one is
+needed.
 """
 
 from __future__ import annotations
@@ -98,7 +99,10 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
-        del self.request  # the scope has what the app reads from it
+        del self.request
+        # The scope has its own copy; websockets' frame parser keeps the request object alive
+        # for the connection's life, but not what it held.
+        event.headers.clear()
 
     async def send(self, message: Any) -> None:
         await super().send(message)
