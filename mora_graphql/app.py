@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 
 import structlog
@@ -43,12 +43,17 @@ class RequestIdMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in {"http", "websocket"}:
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope.get("headers") or [])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        if scope["type"] == "http":
+            return self._http(scope, receive, send)
+        if scope["type"] == "websocket":
+            # The connection's task ends with it: nothing to unbind, and no frame of ours
+            # stays on its stack for the connection's life.
+            structlog.contextvars.bind_contextvars(request_id=_request_id(scope))
+        return self.app(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request_id = _request_id(scope)
         structlog.contextvars.bind_contextvars(request_id=request_id)
         status = {"code": 0}
 
@@ -62,9 +67,38 @@ class RequestIdMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            if scope["type"] == "http":
-                REQUESTS.labels(scope.get("method", ""), str(status["code"])).inc()
+            REQUESTS.labels(scope.get("method", ""), str(status["code"])).inc()
             structlog.contextvars.unbind_contextvars("request_id")
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope.get("headers") or ():
+        if name == b"x-request-id":
+            request_id: str = value.decode("latin-1")[:64]
+            if request_id:
+                return request_id
+            break
+    return uuid.uuid4().hex
+
+
+class MoraApp(Starlette):
+    """Starlette, with WebSocket connections to /graphql handed straight to the GraphQL app
+    through the only middleware that applies to them (request id, per-IP limit).
+
+    Every coroutine between the server and the GraphQL handler stays suspended for as long as
+    the connection is open; Starlette's error and exception middleware, router and route add
+    seven of them (about 3 KB per connection) and do nothing for a WebSocket served by
+    Strawberry. With tracing on, connections take the full stack (its middleware is there)."""
+
+    graphql_websocket: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        shortcut = self.graphql_websocket
+        if shortcut is not None and scope["type"] == "websocket" and scope["path"] == "/graphql":
+            scope["app"] = self
+            await shortcut(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def graphql_deps(runtime: Runtime) -> GraphQLDeps:
@@ -79,7 +113,7 @@ def graphql_deps(runtime: Runtime) -> GraphQLDeps:
     )
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+def create_app(settings: Settings | None = None) -> MoraApp:
     settings = settings or get_settings()
     configure_logging(settings.log_level, json=settings.json_logs)
     register_secrets(settings_secrets(settings))
@@ -172,7 +206,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         ),
         Middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes),
     ]
-    app = Starlette(
+    app = MoraApp(
         routes=[
             Route("/graphql", graphql_app, methods=["GET", "POST"]),
             WebSocketRoute("/graphql", graphql_app),
@@ -185,4 +219,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
         lifespan=lifespan,
     )
     app.state.runtime = holder
+    if not tracing.enabled():
+        app.graphql_websocket = RequestIdMiddleware(
+            IPRateLimitMiddleware(
+                graphql_app,
+                limiter=lambda: holder["runtime"].limiter if "runtime" in holder else None,
+                limit=settings.rate_limit_per_ip,
+            )
+        )
     return app

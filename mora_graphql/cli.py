@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 from mora_graphql.config import Settings, SettingsError, get_settings
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -40,11 +42,12 @@ def freeze_after_startup(app: ASGIApp) -> ASGIApp:
     heap (modules, schema, clients) and paused the event loop for up to 465 ms, the worst
     delivery latencies of the run."""
 
-    async def app_with_frozen_heap(scope: Scope, receive: Receive, send: Send) -> None:
+    def app_with_frozen_heap(scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         if scope["type"] != "lifespan":
-            await app(scope, receive, send)
-            return
+            return app(scope, receive, send)  # no frame of ours for a connection's life
+        return lifespan(scope, receive, send)
 
+    async def lifespan(scope: Scope, receive: Receive, send: Send) -> None:
         async def send_after_freeze(message: Message) -> None:
             if message["type"] == "lifespan.startup.complete":
                 gc.collect()
@@ -61,6 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from mora_graphql.app import create_app
+    from mora_graphql.wsserver import WEBSOCKET_OPTIONS
 
     settings = _settings_or_exit()
     workers = args.workers or settings.web_concurrency
@@ -75,13 +79,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         "forwarded_allow_ips": settings.forwarded_allow_ips,
         "ws_max_size": settings.max_ws_message_bytes,
         "timeout_graceful_shutdown": int(settings.worker_shutdown_timeout),
-        # Measured with 100 subscribers of one session at 100 events/s: per-message deflate
-        # compresses every frame once per subscriber (server CPU 57 -> 42 us per delivery
-        # without it), and frames of a few hundred bytes gain little from it. The sans-I/O
-        # websockets protocol needs no keepalive/transfer tasks per connection (34 KB of
-        # RSS per parked subscription with 2,000 of them).
-        "ws": "websockets-sansio",
-        "ws_per_message_deflate": False,
+        "interface": "asgi3",  # the app is a plain function returning a coroutine
+        **WEBSOCKET_OPTIONS,
     }
     if workers > 1:
         # Each process builds its own app, pools and connections from the same settings,

@@ -23,6 +23,7 @@ from mora_graphql.cache import Cache, MemoryCache, RedisCache
 from mora_graphql.config import Settings
 from mora_graphql.migrate import upgrade_database
 from mora_graphql.runtime import Runtime
+from mora_graphql.wsserver import WEBSOCKET_OPTIONS
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 TEST_DATABASE_URL = os.environ.get(
@@ -192,7 +193,9 @@ class LiveServer:
 
 async def start_server(settings: Settings) -> AsyncIterator[LiveServer]:
     app = create_app(settings)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", **WEBSOCKET_OPTIONS
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:

@@ -10,7 +10,7 @@ GraphQL-shaped body with `extensions.code` instead of a text/plain reason.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, cast
@@ -176,10 +176,12 @@ class MoraGraphQL(GraphQL[Context, None]):
             return self._ide_page()
         return super().graphql_ide_html
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Coroutine[Any, Any, None]:
         if scope["type"] != "http":
-            await super().__call__(scope, receive, send)
-            return
+            return super().__call__(scope, receive, send)  # no frame of ours per connection
+        return self._http(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive=receive)
         if await self._streamed(request, scope, receive, send):
             return
@@ -249,13 +251,16 @@ class MoraGraphQL(GraphQL[Context, None]):
             and request.query_params.get("extensions") is None
         )
 
-    async def run(  # type: ignore[override]
+    def run(  # type: ignore[override]
         self, request: Request | WebSocket, *_unused: object
-    ) -> Response | WebSocket:
+    ) -> Awaitable[Response | WebSocket]:
         """HTTP: the response cache first, persisted-query refusals as GraphQL errors.
         (Starlette calls `run(request)` alone; the context is always built here.)"""
         if isinstance(request, WebSocket):
-            return await super().run(request)
+            return super().run(request)
+        return self._run_http(request)
+
+    async def _run_http(self, request: Request) -> Response:
         responses = self._deps().responses
         try:
             if responses is not None:
@@ -397,6 +402,7 @@ class MoraGraphQL(GraphQL[Context, None]):
     async def on_ws_connect(self, context: Context) -> UnsetType | dict[str, object] | None:
         params = context.connection_params if isinstance(context.connection_params, dict) else {}
         raw = params.get("Authorization") or params.get("authorization") or params.get("authToken")
+        context.connection_params = None  # read once: the connection keeps its principal only
         if raw is None:
             context.set_principal(None)
             return None

@@ -45,6 +45,7 @@ from strawberry.utils.aio import aclosing
 from mora_graphql.auth.tokens import Principal
 from mora_graphql.errors import RateLimited, Unauthenticated
 from mora_graphql.graphql.context import Context
+from mora_graphql.graphql.deadlines import Deadline, deadlines
 from mora_graphql.graphql.feed import (
     Execute,
     Handoff,
@@ -172,7 +173,7 @@ class _ExpiryMixin:
 
     context: Context
     websocket: AsyncWebSocketAdapter
-    _expiry: asyncio.TimerHandle | asyncio.Task[None] | None
+    _expiry: Deadline | asyncio.Task[None] | None
 
     def _principal(self) -> Principal | None:
         try:
@@ -181,13 +182,13 @@ class _ExpiryMixin:
             return None
 
     def _watch_expiry(self) -> None:
-        """A timer, not a sleeping task: an idle connection should cost little memory."""
+        """An entry of the loop's shared deadlines, not a task or a timer of its own: an idle
+        connection should cost little memory."""
         self._cancel_expiry()
         principal = self._principal()
         if principal is not None:
             delay = (principal.expires_at - dt.datetime.now(dt.UTC)).total_seconds()
-            loop = asyncio.get_running_loop()
-            self._expiry = loop.call_later(max(0.0, delay), self._expired)
+            self._expiry = deadlines().call_later(delay, self._expired)
 
     def _expired(self) -> None:
         self._expiry = asyncio.ensure_future(self._expire())
@@ -364,6 +365,10 @@ class TransportWSHandler(_ExpiryMixin, _FeedMixin, BaseGraphQLTransportWSHandler
                     operation.operation_name,
                 )
                 joined = True
+                # The feed has what it needs: the finished task and the document can go.
+                operation.task = None
+                operation.query = ""
+                operation.variables = None
                 return
             await operation.send_operation_message({"id": operation.id, "type": "complete"})
         except _OperationStreamClosed:
@@ -384,7 +389,9 @@ class TransportWSHandler(_ExpiryMixin, _FeedMixin, BaseGraphQLTransportWSHandler
             operation.completed = True
 
     async def cleanup_operation(self, operation_id: str) -> None:
-        self._leave_feed(operation_id)
+        if self._leave_feed(operation_id):
+            self.operations.pop(operation_id, None)
+            return
         await super().cleanup_operation(operation_id)
 
     async def shutdown(self) -> None:
@@ -413,9 +420,11 @@ class LegacyWSHandler(_ExpiryMixin, _FeedMixin, BaseGraphQLWSHandler["Context", 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._ended: set[str] = set()
+        self._closing: asyncio.Future[None] | None = None
 
     async def handle(self) -> None:
-        timeout = asyncio.create_task(self._init_timeout())
+        seconds = self.context.deps.settings.ws_connection_init_timeout
+        timeout = deadlines().call_later(seconds, self._init_timed_out)
         try:
             try:
                 async for message in self.websocket.iter_json():
@@ -435,11 +444,11 @@ class LegacyWSHandler(_ExpiryMixin, _FeedMixin, BaseGraphQLWSHandler["Context", 
             await self.cleanup()
             self._close_writer()
 
-    async def _init_timeout(self) -> None:
-        seconds = self.context.deps.settings.ws_connection_init_timeout
-        await asyncio.sleep(seconds)
+    def _init_timed_out(self) -> None:
         if not self.connection_acknowledged:
-            await self.websocket.close(CLOSE_INIT_TIMEOUT, "Connection initialisation timeout")
+            self._closing = asyncio.ensure_future(
+                self.websocket.close(CLOSE_INIT_TIMEOUT, "Connection initialisation timeout")
+            )
 
     async def handle_message(self, message: OperationMessage) -> None:
         if malformed(message, self._operation_types, self._id_types, self._known):
