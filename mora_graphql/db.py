@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -12,7 +13,13 @@ import structlog
 from sqlalchemy import JSON, DateTime, MetaData, event
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, StatementError
+from sqlalchemy.exc import (
+    DBAPIError,
+    DisconnectionError,
+    InterfaceError,
+    OperationalError,
+    StatementError,
+)
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -20,7 +27,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import DeclarativeBase
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.types import TypeDecorator
 
 from mora_graphql.config import Settings
@@ -154,20 +161,67 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None
     cursor.close()
 
 
+PING_AFTER_IDLE = 1.0
+"""Seconds a pooled connection may sit unused before its checkout costs a ping round trip."""
+_CHECKED_IN = "mora.checked_in"
+
+
+def _stamp_checkin(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    record.info[_CHECKED_IN] = time.monotonic()
+
+
+def _checkout_checks(engine: AsyncEngine, *, ping_idle: bool) -> None:
+    """Checks each pooled connection at checkout; a dead one is replaced, not handed out.
+
+    A connection whose socket the driver has seen close (a killed backend, a database restart)
+    is replaced at no cost, always. With `ping_idle` (DATABASE_POOL_PRE_PING), one idle longer
+    than `PING_AFTER_IDLE` is also pinged (one round trip); one checked in moments ago (under
+    load, nearly every checkout) never is: SQLAlchemy's own pre-ping would cost three round
+    trips (BEGIN, a statement, ROLLBACK) per checkout. What slips through (a connection that
+    died silently) fails its first statement, and `run_read` / `run_transaction` run the work
+    once more on a fresh connection.
+    """
+    dialect = engine.dialect
+
+    def checkout(
+        dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: PoolProxiedConnection
+    ) -> None:
+        driver = getattr(dbapi_connection, "driver_connection", None)
+        is_closed = getattr(driver, "is_closed", None)
+        if is_closed is not None and is_closed():
+            raise DisconnectionError("the connection was closed")
+        if not ping_idle:
+            return
+        checked_in = record.info.get(_CHECKED_IN)
+        if checked_in is None or time.monotonic() - checked_in < PING_AFTER_IDLE:
+            return  # new, or in use moments ago
+        try:
+            alive = dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            raise DisconnectionError("the connection failed its ping") from exc
+        if not alive:
+            raise DisconnectionError("the connection failed its ping")
+
+    if ping_idle:
+        event.listen(engine.sync_engine.pool, "checkin", _stamp_checkin)
+    event.listen(engine.sync_engine.pool, "checkout", checkout)
+
+
 def create_engine(settings: Settings, url: str | None = None) -> AsyncEngine:
     url = url or settings.database_url
     if url.startswith("sqlite"):
         engine = create_async_engine(url, echo=settings.database_echo)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    return create_async_engine(
+    engine = create_async_engine(
         url,
         echo=settings.database_echo,
         pool_size=settings.database_pool_size,
         pool_recycle=settings.database_pool_recycle,
-        pool_pre_ping=settings.database_pool_pre_ping,
         json_deserializer=orjson.loads,  # JSONB columns (timelines) decoded several times faster
     )
+    _checkout_checks(engine, ping_idle=settings.database_pool_pre_ping)
+    return engine
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

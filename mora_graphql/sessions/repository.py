@@ -5,9 +5,22 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Collection, Sequence
+from functools import lru_cache
 from typing import Any, cast
 
-from sqlalchemy import Row, Table, and_, bindparam, case, delete, or_, select, text, update
+from sqlalchemy import (
+    Row,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    case,
+    delete,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mora_graphql.db import utcnow
@@ -34,6 +47,28 @@ SessionRow = Row[Any]
 
 _READ_ANY = select(*SESSIONS.c).where(SESSIONS.c.id == bindparam("id"))
 _READ_OWNED = _READ_ANY.where(SESSIONS.c.owner_id == bindparam("owner"))
+
+
+@lru_cache(maxsize=64)
+def _page_statement(
+    skip_columns: frozenset[str], owned: bool, by_status: bool, after: bool
+) -> Select[Any]:
+    """The list query of one shape, built once: binds `owner`, `status`, `created`, `last_id`
+    and `limit`."""
+    columns = SESSIONS.c
+    stmt = select(*(column for column in columns if column.name not in skip_columns))
+    if owned:
+        stmt = stmt.where(columns.owner_id == bindparam("owner"))
+    if by_status:
+        stmt = stmt.where(columns.status == bindparam("status"))
+    if after:
+        stmt = stmt.where(
+            or_(
+                columns.created_at < bindparam("created"),
+                and_(columns.created_at == bindparam("created"), columns.id < bindparam("last_id")),
+            )
+        )
+    return stmt.order_by(columns.created_at.desc(), columns.id.desc()).limit(bindparam("limit"))
 
 
 class SessionRepository:
@@ -85,23 +120,19 @@ class SessionRepository:
     ) -> Sequence[SessionRow]:
         """Newest first, keyset-paginated on (created_at, id), as plain rows; `skip_columns`
         are not selected."""
-        columns = SESSIONS.c
-        stmt = select(*(column for column in columns if column.name not in skip_columns))
+        stmt = _page_statement(
+            frozenset(skip_columns), owner_id is not None, status is not None, after is not None
+        )
+        params: dict[str, Any] = {"limit": limit}
         if owner_id is not None:
-            stmt = stmt.where(columns.owner_id == owner_id)
+            params["owner"] = owner_id
         if status is not None:
-            stmt = stmt.where(columns.status == status)
+            params["status"] = status
         if after is not None:
-            created, last_id = after
-            stmt = stmt.where(
-                or_(
-                    columns.created_at < created,
-                    and_(columns.created_at == created, columns.id < last_id),
-                )
-            )
-        stmt = stmt.order_by(columns.created_at.desc(), columns.id.desc()).limit(limit)
+            params["created"], params["last_id"] = after
         conn = await self.session.connection()
-        return (await conn.execute(stmt)).all()
+        rows: Sequence[SessionRow] = (await conn.execute(stmt, params)).all()
+        return rows
 
     async def delete(self, session_id: uuid.UUID) -> bool:
         result = await self.session.execute(
