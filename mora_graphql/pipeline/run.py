@@ -25,6 +25,7 @@ from mora_graphql.pipeline.context import (
 )
 from mora_graphql.pipeline.recorder import (
     CancelRequested,
+    CheckpointBudget,
     Pacing,
     SessionEnded,
     SessionRecorder,
@@ -59,6 +60,9 @@ class PipelineRunner:
 
     def __init__(self, deps: PipelineDeps) -> None:
         self.deps = deps
+        self.checkpoints = CheckpointBudget(
+            deps.settings.checkpoint_interval, deps.settings.checkpoint_rate
+        )
 
     async def run(self, session_id: uuid.UUID, stopping: Callable[[], bool] | None = None) -> None:
         """The job body. `stopping()` tells a shutdown (leave the session to be resumed)
@@ -67,6 +71,7 @@ class PipelineRunner:
         pacing = Pacing(
             checkpoint_interval=deps.settings.checkpoint_interval,
             flush_interval=deps.settings.delta_flush_interval,
+            checkpoints=self.checkpoints,
         )
         starting = asyncio.ensure_future(
             SessionRecorder.begin(deps.db, deps.bus, session_id, pacing=pacing)
@@ -84,7 +89,8 @@ class PipelineRunner:
         structlog.contextvars.bind_contextvars(session_id=str(session_id))
         usage = Usage()
         try:
-            await self._run(recorder, usage)
+            with self.checkpoints.running():
+                await self._run(recorder, usage)
         except SessionEnded:
             log.info("session ended elsewhere or taken over; stopping this run")
         except CancelRequested:
