@@ -51,6 +51,8 @@ already there."""
 
 MAX_BATCH = 256
 """Events sent in one publish round trip at most."""
+MAX_IN_FLIGHT = 4
+"""Publish round trips one process has in flight at once."""
 
 FENCE_SCRIPT = """
 local fence = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -68,10 +70,10 @@ class RedisEventBus:
     Redis itself) and PUBLISHed on the same name, by one Lua script that first checks the
     session's fence (`mora:fence:{sid}`, the attempt of the run holding it): a stale run's
     events are refused atomically, in the same round trip. The publishes of all of a process's
-    runs share round trips: those made while one is in flight go out together in the next (one
-    script call, each event still checked against its own fence), so a worker streaming many
-    sessions makes a few round trips per flush window rather than one per session, and a lone
-    publish goes out at once. Each process keeps one pub/sub
+    runs share round trips (at most MAX_IN_FLIGHT at once): those made while they are in flight
+    go out together in the next (one script call, each event still checked against its own
+    fence), so a worker streaming many sessions makes a few round trips per flush window rather
+    than one per session, and a lone publish goes out at once. Each process keeps one pub/sub
     connection, subscribed to the sessions its clients follow; after a reconnect every local
     subscriber is told to catch up from the stream, so a dropped message never becomes a gap."""
 
@@ -101,7 +103,8 @@ class RedisEventBus:
         self._connected = asyncio.Event()
         self._closed = False
         self._outbox: list[tuple[SessionEvent, int, asyncio.Future[Published]]] = []
-        self._sender: asyncio.Task[None] | None = None
+        self._senders: set[asyncio.Task[None]] = set()
+        self._sender_starting = False
         self.reconnects = 0
         self.round_trips = 0
 
@@ -116,10 +119,14 @@ class RedisEventBus:
 
     async def close(self) -> None:
         self._closed = True
-        if self._sender is not None:
-            self._sender.cancel()
+        for sender in list(self._senders):
+            sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._sender
+                await sender
+        outbox, self._outbox = self._outbox, []
+        for _event, _attempt, future in outbox:
+            if not future.done():
+                future.set_result(Published.UNAVAILABLE)
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -142,12 +149,17 @@ class RedisEventBus:
     async def publish(self, event: SessionEvent, *, attempt: int) -> Published:
         outcome: asyncio.Future[Published] = asyncio.get_running_loop().create_future()
         self._outbox.append((event, attempt, outcome))
-        if self._sender is None:
-            self._sender = asyncio.create_task(self._send_outbox(), name="redis-event-publisher")
+        if not self._sender_starting and len(self._senders) < MAX_IN_FLIGHT:
+            # Publishes made before the new sender first runs go out in its first batch.
+            self._sender_starting = True
+            sender = asyncio.create_task(self._send_outbox(), name="redis-event-publisher")
+            self._senders.add(sender)
+            sender.add_done_callback(self._senders.discard)
         return await outcome
 
     async def _send_outbox(self) -> None:
         """Send what is waiting, one batch per round trip, until nothing is left."""
+        self._sender_starting = False
         batch: list[tuple[SessionEvent, int, asyncio.Future[Published]]] = []
         try:
             while self._outbox:
@@ -167,12 +179,9 @@ class RedisEventBus:
                         future.set_result(outcome)
                 batch = []
         finally:
-            self._sender = None
-            for _event, _attempt, future in batch + self._outbox:
+            for _event, _attempt, future in batch:
                 if not future.done():
                     future.set_result(Published.UNAVAILABLE)
-            if batch or self._outbox:
-                self._outbox = []
 
     async def _publish_batch(
         self, batch: list[tuple[SessionEvent, int, asyncio.Future[Published]]]

@@ -236,9 +236,9 @@ def delta(session_id: uuid.UUID, seq: int) -> SessionEvent:
 
 @pytest.mark.redis
 async def test_redis_publishes_of_many_runs_share_round_trips(redis_url: str) -> None:
-    """Many runs publishing at once through a client pool of 2 connections: every event is
+    """Many runs publishing at once through a client pool of 4 connections: every event is
     appended in its session's order (no 'too many connections'), in a few round trips."""
-    client = Redis.from_url(redis_url, max_connections=2)
+    client = Redis.from_url(redis_url, max_connections=4)
     bus = RedisEventBus(client)
     sessions = [uuid.uuid4() for _ in range(50)]
 
