@@ -121,6 +121,7 @@ class Settings(BaseSettings):
     max_session_attempts: int = Field(default=5, ge=1)
     worker_shutdown_timeout: float = 30.0
     checkpoint_interval: float = 1.0
+    checkpoint_rate: float = Field(default=50.0, ge=0.0)
     delta_flush_interval: float = Field(default=0.03, ge=0.0, le=5.0)
     cancel_wait: float = Field(default=5.0, ge=0.0)
     event_retention: int = 10_000

@@ -256,6 +256,16 @@ async def _run_after_commit(session: AsyncSession) -> None:
 
 
 @asynccontextmanager
+async def single_statement(db: Database) -> AsyncIterator[AsyncSession]:
+    """A session for one write that is atomic by itself (a conditional UPDATE): autocommit, so
+    no BEGIN and COMMIT round trips around it. Never for several statements that must commit
+    together."""
+    async with db() as session:
+        await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        yield session
+
+
+@asynccontextmanager
 async def transaction(db: Database) -> AsyncIterator[AsyncSession]:
     """One unit of work: commits once on success, rolls back on any error; then the
     `after_commit` actions run. They cannot undo the commit: one that fails is logged and the

@@ -25,18 +25,37 @@ REPLAY_PAGE = 500
 """Stream entries read per XRANGE (a session keeps up to `EVENT_RETENTION` of them)."""
 
 PUBLISH_SCRIPT = """
-local attempt = tonumber(ARGV[1])
-local fence = tonumber(redis.call('GET', KEYS[2]) or '0')
-if fence > attempt then return 0 end
-if fence < attempt then redis.call('SET', KEYS[2], attempt, 'EX', ARGV[6]) end
-local added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], ARGV[2], 'e', ARGV[3])
-if type(added) == 'table' and added.err then return -1 end
-if ARGV[5] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
-redis.call('PUBLISH', KEYS[1], ARGV[3])
-return 1
+local out = {}
+for i = 1, #KEYS / 2 do
+  local stream, fence_key, at = KEYS[2 * i - 1], KEYS[2 * i], 2 + 4 * (i - 1)
+  local attempt = tonumber(ARGV[at + 1])
+  local fence = tonumber(redis.call('GET', fence_key) or '0')
+  if fence > attempt then
+    out[i] = 0
+  else
+    if fence < attempt then redis.call('SET', fence_key, attempt, 'EX', ARGV[2]) end
+    local payload = ARGV[at + 3]
+    local added = redis.pcall('XADD', stream, 'MAXLEN', '~', ARGV[1], ARGV[at + 2], 'e', payload)
+    if type(added) == 'table' and added.err then
+      out[i] = -1
+    else
+      if ARGV[at + 4] ~= '0' then redis.call('EXPIRE', stream, ARGV[at + 4]) end
+      redis.call('PUBLISH', stream, payload)
+      out[i] = 1
+    end
+  end
+end
+return out
 """
-"""KEYS: stream, fence. ARGV: attempt, entry id, payload, maxlen, stream TTL (0: keep), fence
-TTL. 1 appended and published, 0 fenced out by a later attempt, -1 the seq was already there."""
+"""Several events, each checked against its session's fence, in order. KEYS: stream, fence of
+each event. ARGV: maxlen, fence TTL, then per event: attempt, entry id, payload, stream TTL
+(0: keep). Per event: 1 appended and published, 0 fenced out by a later attempt, -1 the seq was
+already there."""
+
+MAX_BATCH = 256
+"""Events sent in one publish round trip at most."""
+MAX_IN_FLIGHT = 4
+"""Publish round trips one process has in flight at once."""
 
 FENCE_SCRIPT = """
 local fence = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -53,7 +72,11 @@ class RedisEventBus:
     """Events are XADDed to `mora:events:{sid}` with id `{seq}-0` (a duplicate is refused by
     Redis itself) and PUBLISHed on the same name, by one Lua script that first checks the
     session's fence (`mora:fence:{sid}`, the attempt of the run holding it): a stale run's
-    events are refused atomically, in the same round trip. Each process keeps one pub/sub
+    events are refused atomically, in the same round trip. The publishes of all of a process's
+    runs share round trips (at most MAX_IN_FLIGHT at once): those made while they are in flight
+    go out together in the next (one script call, each event still checked against its own
+    fence), so a worker streaming many sessions makes a few round trips per flush window rather
+    than one per session, and a lone publish goes out at once. Each process keeps one pub/sub
     connection, subscribed to the sessions its clients follow; after a reconnect every local
     subscriber is told to catch up from the stream, so a dropped message never becomes a gap."""
 
@@ -84,7 +107,11 @@ class RedisEventBus:
         self._reader: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._closed = False
+        self._outbox: list[tuple[SessionEvent, int, asyncio.Future[Published]]] = []
+        self._senders: set[asyncio.Task[None]] = set()
+        self._sender_starting = False
         self.reconnects = 0
+        self.round_trips = 0
 
     def _key(self, session_id: uuid.UUID) -> str:
         return f"{self.prefix}{session_id}"
@@ -97,6 +124,14 @@ class RedisEventBus:
 
     async def close(self) -> None:
         self._closed = True
+        for sender in list(self._senders):
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+        outbox, self._outbox = self._outbox, []
+        for _event, _attempt, future in outbox:
+            if not future.done():
+                future.set_result(Published.UNAVAILABLE)
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -117,26 +152,62 @@ class RedisEventBus:
         return None if before < 0 else before
 
     async def publish(self, event: SessionEvent, *, attempt: int) -> Published:
-        keys = [self._key(event.session_id), self._fence_key(event.session_id)]
-        args: list[str | int] = [
-            attempt,
-            f"{event.seq}-0",
-            event.to_json(),
-            self.retention,
-            self.finished_ttl if event.is_terminal else 0,
-            self.active_ttl,
-        ]
+        outcome: asyncio.Future[Published] = asyncio.get_running_loop().create_future()
+        self._outbox.append((event, attempt, outcome))
+        if not self._sender_starting and len(self._senders) < MAX_IN_FLIGHT:
+            # Publishes made before the new sender first runs go out in its first batch.
+            self._sender_starting = True
+            sender = asyncio.create_task(self._send_outbox(), name="redis-event-publisher")
+            self._senders.add(sender)
+            sender.add_done_callback(self._senders.discard)
+        return await outcome
+
+    async def _send_outbox(self) -> None:
+        """Send what is waiting, one batch per round trip, until nothing is left."""
+        self._sender_starting = False
+        batch: list[tuple[SessionEvent, int, asyncio.Future[Published]]] = []
         try:
-            outcome = await self._publish_script(keys=keys, args=args)
+            while self._outbox:
+                batch, self._outbox = self._outbox[:MAX_BATCH], self._outbox[MAX_BATCH:]
+                try:
+                    outcomes = await self._publish_batch(batch)
+                except Exception as exc:
+                    for _event, _attempt, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    batch = []
+                    continue
+                for (event, _attempt, future), outcome in zip(batch, outcomes, strict=True):
+                    if outcome is Published.OK:
+                        EVENTS_PUBLISHED.labels(event.kind.value).inc()
+                    if not future.done():
+                        future.set_result(outcome)
+                batch = []
+        finally:
+            for _event, _attempt, future in batch:
+                if not future.done():
+                    future.set_result(Published.UNAVAILABLE)
+
+    async def _publish_batch(
+        self, batch: list[tuple[SessionEvent, int, asyncio.Future[Published]]]
+    ) -> list[Published]:
+        keys: list[str] = []
+        args: list[str | int] = [self.retention, self.active_ttl]
+        for event, attempt, _future in batch:
+            keys += (self._key(event.session_id), self._fence_key(event.session_id))
+            args += (
+                attempt,
+                f"{event.seq}-0",
+                event.to_json(),
+                self.finished_ttl if event.is_terminal else 0,
+            )
+        self.round_trips += 1
+        try:
+            replies = await self._publish_script(keys=keys, args=args)
         except RedisError as exc:
-            log.warning("event not published", seq=event.seq, error=type(exc).__name__)
-            return Published.UNAVAILABLE
-        if outcome == 0:
-            return Published.FENCED
-        if outcome == -1:
-            return Published.DUPLICATE
-        EVENTS_PUBLISHED.labels(event.kind.value).inc()
-        return Published.OK
+            log.warning("events not published", events=len(batch), error=type(exc).__name__)
+            return [Published.UNAVAILABLE] * len(batch)
+        return [_OUTCOMES.get(int(reply), Published.UNAVAILABLE) for reply in replies]
 
     async def replay(
         self, session_id: uuid.UUID, after_seq: int, *, limit: int | None = None
@@ -276,6 +347,9 @@ class RedisEventBus:
             self._resync_all()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+_OUTCOMES = {1: Published.OK, 0: Published.FENCED, -1: Published.DUPLICATE}
 
 
 def _seq(entry_id: bytes | str | None) -> int:

@@ -9,6 +9,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from mora_graphql.models import PipelineStage, SessionStatus
 
 
@@ -47,7 +49,7 @@ class SessionEvent:
         return json.loads(self.payload) if self.payload else None
 
     def to_json(self) -> str:
-        return json.dumps(
+        return orjson.dumps(
             {
                 "sid": str(self.session_id),
                 "seq": self.seq,
@@ -58,14 +60,12 @@ class SessionEvent:
                 "progress": self.progress,
                 "text": self.text,
                 "payload": self.payload,
-            },
-            separators=(",", ":"),
-            ensure_ascii=False,
-        )
+            }
+        ).decode()
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> SessionEvent:
-        data = json.loads(raw)
+        data = orjson.loads(raw)
         return cls(
             session_id=uuid.UUID(data["sid"]),
             seq=int(data["seq"]),

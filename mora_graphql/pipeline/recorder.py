@@ -17,6 +17,7 @@ import contextlib
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from mora_graphql.db import (
     Database,
     is_disconnect,
     refusal,
+    single_statement,
     storable,
     storable_text,
     transaction,
@@ -67,11 +69,38 @@ class CancelRequested(Exception):
     """A cancel was asked of this run (seen at a checkpoint); the run ends as CANCELLED."""
 
 
+class CheckpointBudget:
+    """The periodic checkpoints of one process's runs, spread so that together they make at
+    most `rate` a second (0: no bound): each run checkpoints every `interval` seconds, or less
+    often while more runs share the process. Every checkpoint is a database write, so without
+    a bound their rate grows with the number of sessions a worker streams."""
+
+    def __init__(self, interval: float, rate: float) -> None:
+        self.base = interval
+        self.rate = rate
+        self.runs = 0
+
+    @property
+    def interval(self) -> float:
+        if self.rate <= 0:
+            return self.base
+        return max(self.base, self.runs / self.rate)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        self.runs += 1
+        try:
+            yield
+        finally:
+            self.runs -= 1
+
+
 @dataclass(frozen=True)
 class Pacing:
     checkpoint_interval: float = 1.0
     flush_interval: float = 0.03
     flush_chars: int = DELTA_FLUSH_CHARS
+    checkpoints: CheckpointBudget | None = None
 
 
 async def _bus_last_seq(bus: EventBus, session_id: uuid.UUID) -> int:
@@ -122,7 +151,8 @@ class SessionRecorder:
 
     @property
     def checkpoint_interval(self) -> float:
-        return self.pacing.checkpoint_interval
+        budget = self.pacing.checkpoints
+        return self.pacing.checkpoint_interval if budget is None else budget.interval
 
     @classmethod
     async def begin(
@@ -281,7 +311,7 @@ class SessionRecorder:
         return event
 
     async def _reserve(self, ceiling: int) -> None:
-        async with transaction(self.db) as session:
+        async with single_statement(self.db) as session:
             held = await SessionRepository(session).update_run(
                 self.session_id, self.attempt, seq_ceiling=ceiling
             )
@@ -429,7 +459,7 @@ class SessionRecorder:
                 "seq_ceiling": ceiling,
                 **{name: storable(value) for name, value in fields.items()},
             }
-            async with transaction(self.db) as session:
+            async with single_statement(self.db) as session:
                 cancel = await SessionRepository(session).update_run(
                     self.session_id, self.attempt, **values
                 )

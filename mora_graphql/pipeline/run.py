@@ -28,6 +28,7 @@ from mora_graphql.pipeline.context import (
 from mora_graphql.pipeline.recorder import (
     STORE_FAILED,
     CancelRequested,
+    CheckpointBudget,
     Pacing,
     SessionEnded,
     SessionRecorder,
@@ -79,6 +80,9 @@ class PipelineRunner:
 
     def __init__(self, deps: PipelineDeps) -> None:
         self.deps = deps
+        self.checkpoints = CheckpointBudget(
+            deps.settings.checkpoint_interval, deps.settings.checkpoint_rate
+        )
 
     async def run(
         self, session_id: uuid.UUID, stopping: Callable[[], bool] | None = None
@@ -89,6 +93,7 @@ class PipelineRunner:
         pacing = Pacing(
             checkpoint_interval=deps.settings.checkpoint_interval,
             flush_interval=deps.settings.delta_flush_interval,
+            checkpoints=self.checkpoints,
         )
         starting = asyncio.ensure_future(
             SessionRecorder.begin(
@@ -113,7 +118,8 @@ class PipelineRunner:
         usage = Usage()
         wake: list[uuid.UUID] = []
         try:
-            await self._run(recorder, usage, wake)
+            with self.checkpoints.running():
+                await self._run(recorder, usage, wake)
         except Parked:
             # No terminal write: the session stays PROCESSING, exactly as published so far.
             await recorder.suspend()

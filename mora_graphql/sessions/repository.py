@@ -176,6 +176,7 @@ class SessionRepository:
             .where(VideoSession.status.in_(ACTIVE_STATUSES))
             .values(**values)
             .returning(VideoSession.cancel_requested)
+            .execution_options(synchronize_session=False)
         )
         found = result.scalar_one_or_none()
         return None if found is None else bool(found)

@@ -221,6 +221,73 @@ async def test_redis_reconnect_loses_nothing(db: Database, redis_url: str) -> No
             await client.aclose()
 
 
+def delta(session_id: uuid.UUID, seq: int) -> SessionEvent:
+    return SessionEvent(
+        session_id=session_id,
+        seq=seq,
+        kind=EventKind.CODE_DELTA,
+        at=dt.datetime.now(dt.UTC),
+        status=SessionStatus.PROCESSING,
+        stage=None,
+        progress=0.5,
+        text=f"token {seq}\n",
+    )
+
+
+@pytest.mark.redis
+async def test_redis_publishes_of_many_runs_share_round_trips(redis_url: str) -> None:
+    """Many runs publishing at once through a client pool of 4 connections: every event is
+    appended in its session's order (no 'too many connections'), in a few round trips."""
+    client = Redis.from_url(redis_url, max_connections=4)
+    bus = RedisEventBus(client)
+    sessions = [uuid.uuid4() for _ in range(50)]
+
+    async def run(session_id: uuid.UUID) -> list[Published]:
+        return [await bus.publish(delta(session_id, seq), attempt=1) for seq in range(1, 21)]
+
+    try:
+        for session_id in sessions:
+            assert await bus.fence(session_id, 1) == 0
+        outcomes = await asyncio.gather(*(run(session_id) for session_id in sessions))
+        assert {outcome for run in outcomes for outcome in run} == {Published.OK}
+        for session_id in sessions:
+            events = await bus.replay(session_id, 0)
+            assert events is not None
+            assert [event.seq for event in events] == list(range(1, 21))
+    finally:
+        await bus.close()
+        await client.aclose()
+
+
+@pytest.mark.redis
+async def test_redis_batched_publishes_are_fenced_one_by_one(redis_url: str) -> None:
+    """A stale run's event in the same round trip as a later run's: only the stale one is
+    refused, and a duplicate seq beside them does not hold the others back."""
+    client = Redis.from_url(redis_url)
+    bus = RedisEventBus(client)
+    stale, other = uuid.uuid4(), uuid.uuid4()
+    try:
+        assert await bus.fence(stale, 2) == 0
+        assert await bus.publish(delta(other, 1), attempt=1) is Published.OK
+        outcomes = await asyncio.gather(
+            bus.publish(delta(stale, 1), attempt=1),
+            bus.publish(delta(stale, 2), attempt=2),
+            bus.publish(delta(other, 1), attempt=1),
+            bus.publish(delta(other, 2), attempt=1),
+        )
+        assert outcomes == [
+            Published.FENCED,
+            Published.OK,
+            Published.DUPLICATE,
+            Published.OK,
+        ]
+        assert [event.seq for event in await bus.replay(stale, 1) or []] == [2]
+        assert [event.seq for event in await bus.replay(other, 0) or []] == [1, 2]
+    finally:
+        await bus.close()
+        await client.aclose()
+
+
 async def test_terminal_row_ends_the_stream_even_without_its_event(db: Database) -> None:
     """The terminal write committed but its event never reached the bus (bus outage, or the
     process died between the two): followers still end, with the stored terminal state."""

@@ -18,7 +18,12 @@ from mora_graphql.events.bus import EventBus, MemoryEventBus, Published
 from mora_graphql.events.redis_bus import RedisEventBus
 from mora_graphql.events.types import EventKind, SessionEvent
 from mora_graphql.models import SessionStatus
-from mora_graphql.pipeline.recorder import Pacing, SessionEnded, SessionRecorder
+from mora_graphql.pipeline.recorder import (
+    CheckpointBudget,
+    Pacing,
+    SessionEnded,
+    SessionRecorder,
+)
 from tests.conftest import make_settings
 from tests.rows import new_session, row_of
 
@@ -149,6 +154,40 @@ async def test_checkpoint_stores_exactly_what_was_published(db: Database) -> Non
     after = [e for e in await events_of(bus, session_id) if e.seq > row.last_seq]
     assert (row.generated_code or "") + rebuilt(after) == "ab"
     assert await recorder.complete()
+
+
+async def test_many_runs_share_the_checkpoint_budget(db: Database) -> None:
+    """A process streaming more sessions than its checkpoint rate covers checkpoints each one
+    less often; alone, a run checkpoints at its own interval."""
+    bus = MemoryEventBus()
+    budget = CheckpointBudget(interval=0.05, rate=10)
+    sessions = [await new_session(db) for _ in range(2)]
+    recorders = [
+        await begin(db, bus, sid, checkpoint_interval=0.05, flush_interval=0, checkpoints=budget)
+        for sid in sessions
+    ]
+    started = [(await row_of(db, sid)).last_seq for sid in sessions]
+
+    async def stream(recorder: SessionRecorder, tokens: int) -> None:
+        for index in range(tokens):
+            await recorder.code_delta(f"t{index} ")
+            await asyncio.sleep(0.01)
+
+    with budget.running(), budget.running():
+        for _ in range(20):  # 20 runs in the process: 10 a second shared, one each 2 s
+            budget.runs += 1
+        assert budget.interval == 2.2
+        await asyncio.gather(*(stream(recorder, 20) for recorder in recorders))
+        assert [(await row_of(db, sid)).last_seq for sid in sessions] == started
+        budget.runs -= 20
+    assert budget.interval == 0.05
+    with budget.running():
+        await stream(recorders[0], 20)
+    assert (await row_of(db, sessions[0])).last_seq > started[0]
+    for recorder in recorders:
+        assert await recorder.complete()
+        row = await row_of(db, recorder.session_id)
+        assert rebuilt(await events_of(bus, recorder.session_id)) == row.generated_code
 
 
 # Fencing
