@@ -19,7 +19,9 @@ async def test_a_connection_reused_at_once_is_not_pinged_and_an_idle_one_is(
     postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(db, "PING_AFTER_IDLE", 0.3, raising=False)
-    engine = create_engine(make_settings(postgres_url, database_pool_size=1))
+    engine = create_engine(
+        make_settings(postgres_url, database_pool_size=1, database_pool_pre_ping=True)
+    )
     pings: list[Any] = []
     ping = engine.dialect.do_ping
 
