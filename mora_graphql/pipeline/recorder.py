@@ -208,39 +208,19 @@ class SessionRecorder:
             ending: tuple[EventKind, str | None] | None = None
             if row.cancel_requested:
                 # Asked of a run that died before acting on it: end the session now.
-                recorder.status = SessionStatus.CANCELLED
-                recorder.stage = row.stage
-                recorder.progress = row.progress
-                await repo.update_if_status(
-                    session_id,
-                    ACTIVE_STATUSES,
-                    status=SessionStatus.CANCELLED,
-                    attempt=attempt,
-                    last_seq=recorder.seq,
-                    seq_ceiling=recorder.seq,
-                    cancel_requested=False,
-                    completed_at=utcnow(),
-                )
+                await recorder._end_at_begin(repo, row, SessionStatus.CANCELLED)
                 ending = (EventKind.CANCELLED, None)
             elif max_runs is not None and runs > max_runs:
                 # Every earlier run crashed or was lost (or the job was queued again): this
                 # one would most likely end the same way.
                 message = runs_exhausted(row.run_attempts)
                 log.warning("session ended: too many runs", runs=row.run_attempts)
-                recorder.status = SessionStatus.ERROR
-                recorder.stage = row.stage
-                recorder.progress = row.progress
-                await repo.update_if_status(
-                    session_id,
-                    ACTIVE_STATUSES,
-                    status=SessionStatus.ERROR,
-                    attempt=attempt,
-                    last_seq=recorder.seq,
-                    seq_ceiling=recorder.seq,
-                    cancel_requested=False,
+                await recorder._end_at_begin(
+                    repo,
+                    row,
+                    SessionStatus.ERROR,
                     error_code=ErrorCode.INTERNAL_ERROR.name,
                     error_message=message,
-                    completed_at=utcnow(),
                 )
                 ending = (
                     EventKind.FAILED,
@@ -274,6 +254,29 @@ class SessionRecorder:
         if earlier_code:
             await recorder.code_reset()
         return recorder
+
+    async def _end_at_begin(
+        self,
+        repo: SessionRepository,
+        row: VideoSession,
+        status: SessionStatus,
+        **fields: Any,
+    ) -> None:
+        """End the session in `begin`, at the stage and progress it had, with this run's seq."""
+        self.status = status
+        self.stage = row.stage
+        self.progress = row.progress
+        await repo.update_if_status(
+            self.session_id,
+            ACTIVE_STATUSES,
+            status=status,
+            attempt=self.attempt,
+            last_seq=self.seq,
+            seq_ceiling=self.seq,
+            cancel_requested=False,
+            completed_at=utcnow(),
+            **fields,
+        )
 
     def _event(
         self, kind: EventKind, seq: int, text: str | None, payload: str | None
