@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 
 from mora_graphql.db import Database, transaction
-from mora_graphql.models import Platform, User, VideoSession
+from mora_graphql.events.types import EventKind, SessionEvent
+from mora_graphql.models import Platform, SessionStatus, User, VideoSession
 from mora_graphql.sessions.repository import SessionRepository
 
 
@@ -32,3 +34,20 @@ async def row_of(db: Database, session_id: uuid.UUID) -> VideoSession:
         row = await SessionRepository(session).get(session_id)
     assert row is not None
     return row
+
+
+def bus_event(
+    session_id: uuid.UUID, seq: int, text: str, kind: EventKind = EventKind.CODE_DELTA
+) -> SessionEvent:
+    """A code delta (or, by `kind`, a completion) as a run would publish it."""
+    done = kind is EventKind.COMPLETED
+    return SessionEvent(
+        session_id=session_id,
+        seq=seq,
+        kind=kind,
+        at=dt.datetime.now(dt.UTC),
+        status=SessionStatus.COMPLETED if done else SessionStatus.PROCESSING,
+        stage=None,
+        progress=1.0 if done else 0.5,
+        text=text if kind is EventKind.CODE_DELTA else None,
+    )

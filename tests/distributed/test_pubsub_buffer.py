@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import os
 import signal
 import uuid
@@ -15,8 +14,7 @@ from redis.asyncio import Redis
 
 from mora_graphql.events.bus import Published
 from mora_graphql.events.redis_bus import RedisEventBus
-from mora_graphql.events.types import EventKind, SessionEvent
-from mora_graphql.models import SessionStatus
+from mora_graphql.events.types import EventKind
 from tests.distributed.cluster import (
     SRT,
     Mora,
@@ -29,6 +27,7 @@ from tests.distributed.cluster import (
     video_url,
 )
 from tests.distributed.databases import fresh_database
+from tests.rows import bus_event
 from tests.wsclient import LEGACY_WS, TRANSPORT_WS
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
@@ -39,19 +38,6 @@ SIZE = 8_000
 
 def delta(seq: int) -> str:
     return f"{seq:06d}".ljust(SIZE, "x") + "\n"
-
-
-def event(session_id: uuid.UUID, seq: int, kind: EventKind) -> SessionEvent:
-    return SessionEvent(
-        session_id=session_id,
-        seq=seq,
-        kind=kind,
-        at=dt.datetime.now(dt.UTC),
-        status=SessionStatus.COMPLETED if kind is EventKind.COMPLETED else SessionStatus.PROCESSING,
-        stage=None,
-        progress=1.0 if kind is EventKind.COMPLETED else 0.5,
-        text=delta(seq) if kind is EventKind.CODE_DELTA else None,
-    )
 
 
 async def test_websocket_subscribers_lose_nothing_when_redis_drops_the_pubsub(
@@ -89,11 +75,9 @@ async def test_websocket_subscribers_lose_nothing_when_redis_drops_the_pubsub(
             try:
                 session_id = uuid.UUID(sid)
                 for seq in range(1, BURST + 1):
-                    published = await bus.publish(
-                        event(session_id, seq, EventKind.CODE_DELTA), attempt=1
-                    )
+                    published = await bus.publish(bus_event(session_id, seq, delta(seq)), attempt=1)
                     assert published is Published.OK
-                ended = event(session_id, BURST + 1, EventKind.COMPLETED)
+                ended = bus_event(session_id, BURST + 1, "", EventKind.COMPLETED)
                 assert await bus.publish(ended, attempt=1) is Published.OK
                 await asyncio.sleep(1.5)
             finally:

@@ -5,7 +5,6 @@ connection), and a pub/sub connection Redis drops for a full output buffer costs
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import threading
 import time
 import uuid
@@ -22,10 +21,10 @@ from mora_graphql.events.redis_bus import RedisEventBus
 from mora_graphql.events.stream import Snapshot, follow_session
 from mora_graphql.events.types import EventKind, SessionEvent
 from mora_graphql.graphql.feed import FeedRegistry
-from mora_graphql.models import SessionStatus
 from tests.distributed.cluster import RedisServer
 from tests.events.test_buses import db, listening, new_session  # noqa: F401
 from tests.events.test_feed import Follower
+from tests.rows import bus_event
 
 LONG_STREAM = 5_000
 
@@ -42,21 +41,6 @@ async def client(server: RedisServer) -> AsyncIterator[Redis]:
     redis = Redis.from_url(server.url())
     yield redis
     await redis.aclose()
-
-
-def event(
-    session_id: uuid.UUID, seq: int, text: str, kind: EventKind = EventKind.CODE_DELTA
-) -> SessionEvent:
-    return SessionEvent(
-        session_id=session_id,
-        seq=seq,
-        kind=kind,
-        at=dt.datetime.now(dt.UTC),
-        status=SessionStatus.COMPLETED if kind is EventKind.COMPLETED else SessionStatus.PROCESSING,
-        stage=None,
-        progress=1.0 if kind is EventKind.COMPLETED else 0.5,
-        text=text if kind is EventKind.CODE_DELTA else None,
-    )
 
 
 def delta(seq: int, size: int = 200) -> str:
@@ -85,7 +69,7 @@ async def test_replay_of_a_long_stream_is_read_in_pages(
     bus = RedisEventBus(client, retention=10_000)
     session_id = await new_session(db)
     for seq in range(1, LONG_STREAM + 1):
-        assert await bus.publish(event(session_id, seq, delta(seq)), attempt=1) is Published.OK
+        assert await bus.publish(bus_event(session_id, seq, delta(seq)), attempt=1) is Published.OK
 
     await client.config_resetstat()
     events = await bus.replay(session_id, 0)
@@ -111,7 +95,7 @@ async def test_replay_of_a_long_stream_is_read_in_pages(
 
         follower = asyncio.create_task(resume())
         await listening(bus, session_id)
-        ended = event(session_id, LONG_STREAM + 1, "", EventKind.COMPLETED)
+        ended = bus_event(session_id, LONG_STREAM + 1, "", EventKind.COMPLETED)
         assert await bus.publish(ended, attempt=1) is Published.OK
         await asyncio.wait_for(follower, 30)
     finally:
@@ -157,8 +141,10 @@ def publish_burst(
                 return
             for seq in range(1, burst.count + 1):
                 text = delta(seq, burst.size)
-                assert await bus.publish(event(session_id, seq, text), attempt=1) is Published.OK
-            ended = event(session_id, burst.count + 1, "", EventKind.COMPLETED)
+                assert (
+                    await bus.publish(bus_event(session_id, seq, text), attempt=1) is Published.OK
+                )
+            ended = bus_event(session_id, burst.count + 1, "", EventKind.COMPLETED)
             assert await bus.publish(ended, attempt=1) is Published.OK
         finally:
             sent.set()
@@ -178,7 +164,7 @@ async def killed_then_published(
         pipe.client_kill_filter(_type="pubsub")
         for seq in range(1, burst.count + 2):
             kind = EventKind.COMPLETED if seq > burst.count else EventKind.CODE_DELTA
-            payload = event(session_id, seq, delta(seq, burst.size), kind).to_json()
+            payload = bus_event(session_id, seq, delta(seq, burst.size), kind).to_json()
             pipe.xadd(key, {"e": payload}, id=f"{seq}-0")
             pipe.publish(key, payload)
         replies = await pipe.execute()
