@@ -181,7 +181,8 @@ async def main(args: argparse.Namespace) -> int:
         redis.url(),
         llm_url,
         JOB_CONCURRENCY=str(args.concurrency),
-        DATABASE_POOL_SIZE="10",
+        # (5 + 10 overflow + the job queue's 4) x 4 processes stays below max_connections=100.
+        DATABASE_POOL_SIZE="5",
         STALLED_JOB_TIMEOUT="30",
         RECONCILE_INTERVAL="15",
         CHECKPOINT_INTERVAL="1",
