@@ -40,6 +40,11 @@ REQUESTS = Counter("mora_http_requests_total", "HTTP requests", ["method", "stat
 
 
 class RequestIdMiddleware:
+    _asgi_single_callable = True
+    """An ASGI 3 app whose `__call__` returns the next app's coroutine instead of awaiting it
+    (one frame less per open connection); asgiref, used by the tracing middleware, would
+    otherwise take it for ASGI 2."""
+
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
