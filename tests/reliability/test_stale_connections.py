@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
-from sqlalchemy.util import await_
+from sqlalchemy.util import await_only
 
 from tests.conftest import LiveServer, make_settings, start_server
 from tests.fakes.fixtures import OPENAI_TEST_KEY, openai_server_fixture  # noqa: F401
@@ -205,7 +205,7 @@ async def test_a_connection_lost_during_commit_is_a_coded_error_not_a_retry(
             return
         driver_connection: Any = conn.connection.driver_connection
         killed.append(driver_connection.get_server_pid())
-        await_(kill_backends(url, killed))
+        await_only(kill_backends(url, killed))
 
     event.listen(engine.sync_engine, "commit", kill_before_commit)
     try:
