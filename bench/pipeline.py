@@ -1,7 +1,7 @@
 """Token path under load: N concurrent sessions, one subscriber each, embedded and distributed.
 
     python bench/pipeline.py [--modes embedded,distributed] [--sessions N] [--rate 50]
-                             [--seconds 10] [--database-url URL] [--redis-url URL]
+                             [--seconds 10] [--logins N] [--database-url URL] [--redis-url URL]
 
 bench/stamped_llm.py (a local OpenAI-compatible server, its own process) streams every
 session's code at `--rate` tokens/s (default 50), each token a line `t_<n> = <ns>` stamped with
@@ -19,6 +19,10 @@ One line per mode: token-to-subscriber latency p50/p99 (receive time - stamp, ev
 every session), tokens delivered as CodeDelta vs tokens sent, and CPU (from /proc/<pid>/stat,
 100 % = one core) of the worker and the API process over the window from the first token to
 the last subscription's end, with CPU time per token sent.
+
+`--logins N` keeps N failed logins in flight (each a full password verification) while the
+tokens stream, e.g. `--modes embedded --sessions 1 --logins 20`: a token's latency then shows
+whether password hashing stalls the event loop.
 """
 
 from __future__ import annotations
@@ -62,6 +66,18 @@ from common import (
 )
 
 STATUS = "query($id: ID!) { session(id: $id) { status error { code } } }"
+LOGIN = "mutation($e: String!, $p: String!) { login(email: $e, password: $p) { accessToken } }"
+
+
+async def failed_logins(http: httpx.AsyncClient, until: asyncio.Event, counted: list[int]) -> None:
+    while not until.is_set():
+        await http.post(
+            "/graphql",
+            json={"query": LOGIN, "variables": {"e": "nobody@example.com", "p": "wrong password"}},
+        )
+        counted[0] += 1
+
+
 DEFAULT_SESSIONS = {"embedded": 50, "distributed": 200}
 
 
@@ -123,7 +139,14 @@ async def run_mode(mode: str, sessions: int, args: argparse.Namespace) -> str:
                 cpu = CpuMeter(**{name: child.pid for name, child in children.items()})
                 cpu.start()
                 await control(llm, "/_bench/release", {})
+                done, logins = asyncio.Event(), [0]
+                loggers = [
+                    asyncio.create_task(failed_logins(http, done, logins))
+                    for _ in range(args.logins)
+                ]
                 pending = await drain(subscribers, count, args.seconds, grace=args.grace)
+                done.set()
+                await asyncio.gather(*loggers, return_exceptions=True)
                 cpu.stop()
                 sent = (await control(llm, "/_bench/stats"))["sent"]
                 statuses: dict[str, int] = {}
@@ -149,6 +172,8 @@ async def run_mode(mode: str, sessions: int, args: argparse.Namespace) -> str:
     if "worker" in cpu.result:
         text_ += f", worker CPU {cpu.result['worker']:.0f}% ({per_token['worker']:.0f} µs/token)"
     text_ += f", API CPU {cpu.result['api']:.0f}% ({per_token['api']:.0f} µs/token)"
+    if args.logins:
+        text_ += f", {logins[0]} failed logins ({args.logins} in flight)"
     if pending:
         text_ += f", {pending} subscriptions unfinished"
     if tally.errors:
@@ -164,6 +189,9 @@ async def main() -> None:
     )
     parser.add_argument("--rate", type=float, default=50, help="tokens/s per session")
     parser.add_argument("--seconds", type=float, default=10, help="stream length per session")
+    parser.add_argument(
+        "--logins", type=int, default=0, help="failed logins kept in flight while streaming"
+    )
     parser.add_argument(
         "--grace",
         type=float,
