@@ -21,8 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from mora_graphql.events.types import EventKind, SessionEvent
-from mora_graphql.jobs.procrastinate_queue import ProcrastinateQueue, build_app, install_schema
-from mora_graphql.runtime import build_runtime
+from mora_graphql.jobs.procrastinate_queue import build_app, install_schema
 from tests.conftest import (
     SECRET,
     LiveServer,
@@ -43,6 +42,7 @@ from tests.distributed.test_topology import (
 )
 from tests.fakes.fixtures import OPENAI_TEST_KEY, openai_server_fixture  # noqa: F401
 from tests.fakes.openai_server import JSON, FakeOpenAI, Script, Stream
+from tests.workers import procrastinate_worker
 from tests.wsclient import TRANSPORT_WS, collect
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
@@ -162,26 +162,10 @@ async def test_cancel_racing_a_running_job_with_a_slow_abort(
         "cancel_wait": 0.05,
     }
     await install_schema(build_app(cancel_log))
-    worker_runtime = await build_runtime(make_settings(cancel_log, **common), role="worker")
-    queue = worker_runtime.queue
-    assert isinstance(queue, ProcrastinateQueue)
-    worker = asyncio.create_task(
-        queue.app.run_worker_async(
-            concurrency=2,
-            listen_notify=False,
-            fetch_job_polling_interval=0.05,
-            abort_job_polling_interval=ABORT_POLLING,
-            install_signal_handlers=False,
-            delete_jobs="successful",
-        )
-    )
-    try:
-        async for live in start_server(make_settings(cancel_log, **common)):
+    settings = make_settings(cancel_log, **common)
+    async with procrastinate_worker(settings, abort_job_polling_interval=ABORT_POLLING):
+        async for live in start_server(settings):
             await _race(live, cancel_log, redis_url, openai_server)
-    finally:
-        worker.cancel()
-        await asyncio.gather(worker, return_exceptions=True)
-        await worker_runtime.aclose()
 
 
 async def _race(live: LiveServer, database: str, redis_url: str, fake: FakeOpenAI) -> None:

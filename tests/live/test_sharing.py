@@ -12,8 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from mora_graphql.cache import RedisCache
-from mora_graphql.jobs.procrastinate_queue import ProcrastinateQueue, build_app, install_schema
-from mora_graphql.runtime import build_runtime
+from mora_graphql.jobs.procrastinate_queue import build_app, install_schema
 from tests.conftest import LiveServer, _truncate, make_settings, start_server
 from tests.fakes.fixtures import OPENAI_TEST_KEY, openai_server_fixture  # noqa: F401
 from tests.fakes.openai_server import JSON, FakeOpenAI, Stream
@@ -27,6 +26,7 @@ from tests.live.test_session_progress import (
     chunks,
     rebuild_code,
 )
+from tests.workers import procrastinate_worker
 from tests.wsclient import TRANSPORT_WS, collect
 
 VIDEO = "https://www.youtube.com/watch?v=Xp4Ytb0lWxE"
@@ -93,25 +93,9 @@ async def test_waiting_sessions_hold_no_procrastinate_slot(
         deepseek_max_retries=0,
     )
     await install_schema(build_app(postgres_url))
-    worker_runtime = await build_runtime(settings, role="worker")
-    queue = worker_runtime.queue
-    assert isinstance(queue, ProcrastinateQueue)
-    worker = asyncio.create_task(
-        queue.app.run_worker_async(
-            concurrency=2,
-            listen_notify=False,
-            fetch_job_polling_interval=0.05,
-            install_signal_handlers=False,
-            delete_jobs="successful",
-        )
-    )
-    try:
+    async with procrastinate_worker(settings):
         async for live in start_server(settings):
             await one_popular_video(live, openai_server, leader_fails=leader_fails)
-    finally:
-        worker.cancel()
-        await asyncio.gather(worker, return_exceptions=True)
-        await worker_runtime.aclose()
 
 
 async def one_popular_video(

@@ -31,7 +31,6 @@ from mora_graphql.jobs.inprocess import InProcessQueue
 from mora_graphql.jobs.procrastinate_queue import ProcrastinateQueue, build_app, install_schema
 from mora_graphql.jobs.reconcile import requeue_orphans
 from mora_graphql.models import Role, SessionStatus, User
-from mora_graphql.runtime import build_runtime
 from mora_graphql.sessions.repository import SessionRepository
 from mora_graphql.sessions.service import SessionDeps, SessionService
 from mora_graphql.worker import maintain
@@ -39,6 +38,7 @@ from tests.conftest import LiveServer, _truncate, make_settings, start_server
 from tests.fakes.fixtures import OPENAI_TEST_KEY, openai_server_fixture  # noqa: F401
 from tests.fakes.openai_server import JSON, FakeOpenAI, Script, Stream
 from tests.rows import new_session, row_of
+from tests.workers import procrastinate_worker
 
 RECONCILE = 0.5
 CODE = "\n".join(f"def step_{i}():\n    return {i}\n" for i in range(20))
@@ -378,29 +378,15 @@ async def test_a_session_created_while_the_job_queue_refused_it_runs_once_on_the
         assert await refused_jobs.jobs(session_id) == []
         await refused_jobs.clear()
 
-        worker_runtime = await build_runtime(settings, role="worker")
-        queue = worker_runtime.queue
-        assert isinstance(queue, ProcrastinateQueue)
-        tasks = [
-            asyncio.create_task(
-                queue.app.run_worker_async(
-                    concurrency=2,
-                    listen_notify=False,
-                    fetch_job_polling_interval=0.05,
-                    install_signal_handlers=False,
-                )
-            ),
-            asyncio.create_task(maintain(settings, queue)),
-        ]
-        try:
-            ended = await live.wait_terminal(READ, token, session_id, limit=20)
-            assert ended["status"] == "COMPLETED", ended
-            await asyncio.sleep(3 * RECONCILE)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await worker_runtime.aclose()
+        async with procrastinate_worker(settings, delete_jobs="never") as queue:
+            maintenance = asyncio.create_task(maintain(settings, queue))
+            try:
+                ended = await live.wait_terminal(READ, token, session_id, limit=20)
+                assert ended["status"] == "COMPLETED", ended
+                await asyncio.sleep(3 * RECONCILE)
+            finally:
+                maintenance.cancel()
+                await asyncio.gather(maintenance, return_exceptions=True)
         assert await refused_jobs.jobs(session_id) == ["succeeded"]
         assert code_runs(openai_server) == 1
 
