@@ -1,37 +1,61 @@
-"""Password hashing (argon2 via pwdlib), off the event loop.
+"""Password hashing (argon2 via pwdlib), off the event loop and off its core.
 
-Each hash or verify costs about 0.1 s of CPU; run on the loop it would stall every live
-stream of the process, so both run on a small pool of their own (argon2 releases the GIL),
-sized to leave one core to the event loop: a burst of logins queues there, not on the loop.
+Each hash or verify costs about 0.2 s of CPU. argon2's C code runs with the GIL held, so on a
+thread it would still stall every live stream of the process; the work runs in a small pool
+of processes instead, sized to leave one core to the event loop, with one argon2 lane per hash
+(more lanes are more threads inside the C library, so more cores). A burst of logins queues
+there, not on the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 
 from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
 
-_hasher = PasswordHash((Argon2Hasher(),))
-_DUMMY_HASH = _hasher.hash("mora-timing-equaliser")
-_pool = ThreadPoolExecutor(
-    max_workers=max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="mora-password"
-)
+PARALLELISM = 1
+"""argon2 lanes of a new hash; a stored hash is verified with the lanes it was made with."""
+
+_hasher = PasswordHash((Argon2Hasher(parallelism=PARALLELISM),))
+_dummy_hash: str | None = None
+_pool: ProcessPoolExecutor | None = None
+
+
+def _hash(password: str) -> str:
+    return _hasher.hash(password)
 
 
 def _verify(password: str, password_hash: str | None) -> bool:
+    global _dummy_hash
     if password_hash is None:
-        _hasher.verify(password, _DUMMY_HASH)
+        if _dummy_hash is None:
+            _dummy_hash = _hasher.hash("mora-timing-equaliser")
+        _hasher.verify(password, _dummy_hash)
         return False
     return _hasher.verify(password, password_hash)
 
 
+def _executor() -> ProcessPoolExecutor:
+    """Started on first use, with `spawn`: never a fork of a process running threads."""
+    global _pool
+    if _pool is None:
+        _pool = ProcessPoolExecutor(
+            max_workers=max(1, (os.cpu_count() or 2) - 1),
+            mp_context=multiprocessing.get_context("spawn"),
+        )
+    return _pool
+
+
 async def hash_password(password: str) -> str:
-    return await asyncio.get_running_loop().run_in_executor(_pool, _hasher.hash, password)
+    return await asyncio.get_running_loop().run_in_executor(_executor(), _hash, password)
 
 
 async def verify_password(password: str, password_hash: str | None) -> bool:
     """Constant work whether or not the user exists."""
-    return await asyncio.get_running_loop().run_in_executor(_pool, _verify, password, password_hash)
+    return await asyncio.get_running_loop().run_in_executor(
+        _executor(), _verify, password, password_hash
+    )

@@ -40,6 +40,16 @@ class AuthResult:
     refresh_expires_in: int
 
 
+async def check_login(user: User | None, password: str) -> User:
+    """The user whose password this is; Unauthenticated otherwise, after the same work
+    whether or not the user exists. Holds no database connection: call it between units of
+    work."""
+    known = user.password_hash if user else None
+    if not await verify_password(password, known) or user is None:
+        raise Unauthenticated("Invalid email or password.")
+    return user
+
+
 def normalize_email(email: str) -> str:
     value = email.strip().lower()
     if len(value) > 320 or not _EMAIL.match(value):
@@ -76,16 +86,21 @@ class AuthService:
         return await self._result(user)
 
     async def login(self, email: str, password: str) -> AuthResult:
+        user = await check_login(await self.login_candidate(email, password), password)
+        return await self.issue_token_for(user)
+
+    async def login_candidate(self, email: str, password: str) -> User | None:
+        """The account a login names, if any (read only). Unauthenticated for an oversized
+        password, before any hashing."""
+        if len(password) > MAX_PASSWORD:
+            raise Unauthenticated("Invalid email or password.")
         try:
             address = normalize_email(email)
         except BadUserInput:
-            address = None
-        user = await self.users.by_email(address) if address else None
-        if len(password) > MAX_PASSWORD:
-            raise Unauthenticated("Invalid email or password.")
-        known = user.password_hash if user else None
-        if not await verify_password(password, known) or user is None:
-            raise Unauthenticated("Invalid email or password.")
+            return None
+        return await self.users.by_email(address)
+
+    async def issue_token_for(self, user: User) -> AuthResult:
         return await self._result(user)
 
     async def refresh(self, token: str) -> AuthResult | Unauthenticated:
