@@ -27,12 +27,13 @@ import copy
 import uuid
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
+from strawberry.types import ExecutionResult
 from strawberry.utils.aio import aclosing
 
 from mora_graphql.events.stream import (
@@ -59,8 +60,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("mora.feed")
 
 Item = Snapshot | SessionEvent
-Execute = Callable[[Item], Awaitable[str]]
-ExecuteFactory = Callable[[], Execute]
+ExecuteFactory = Callable[[], "SharedExecution"]
 RECENT_EVENTS = 512
 """Events a feed keeps for subscribers joining or catching up (beyond them: the replay log)."""
 PAYLOADS_PER_GROUP = 256
@@ -68,12 +68,31 @@ IDLE_TIMEOUT = 5.0
 
 
 class Replay:
-    """Root value of a shared execution: `sessionProgress` resolves to this one item."""
+    """Root value of a one-off shared execution: `sessionProgress` resolves to this one item."""
 
     __slots__ = ("item",)
 
     def __init__(self, item: Item) -> None:
         self.item = item
+
+
+class Pump:
+    """Root value of a group's standing execution: `sessionProgress` yields, on each step,
+    the item handed to it just before (`SharedExecution`)."""
+
+    __slots__ = ("_item",)
+
+    def __init__(self) -> None:
+        self._item: Item | None = None
+
+    def put(self, item: Item) -> None:
+        self._item = item
+
+    def take(self) -> Item:
+        item, self._item = self._item, None
+        if item is None:
+            raise RuntimeError("a shared execution stepped without an item")
+        return item
 
 
 _EMPTY: deque[str] = deque(maxlen=0)
@@ -153,7 +172,7 @@ class Group:
 
     __slots__ = ("_payloads", "execute", "key", "members")
 
-    def __init__(self, key: tuple[str, str | None, bytes], execute: Execute) -> None:
+    def __init__(self, key: tuple[str, str | None, bytes], execute: SharedExecution) -> None:
         self.key = key
         self.execute = execute
         self.members: dict[int, Member] = {}
@@ -175,6 +194,9 @@ class Group:
         if len(self._payloads) > PAYLOADS_PER_GROUP:
             self._payloads.popitem(last=False)
         return await asyncio.shield(task)
+
+    def close(self) -> None:
+        self.execute.close()
 
 
 class Member:
@@ -297,6 +319,7 @@ class SessionFeed:
         group.members.pop(id(member), None)
         if not group.members and self.groups.get(group.key) is group:
             del self.groups[group.key]
+            group.close()
 
     # -- the one reader -------------------------------------------------------------------
 
@@ -508,7 +531,88 @@ class Handoff:
             task.add_done_callback(_RELEASING.discard)
 
 
-_RELEASING: set[asyncio.Future[bool | None]] = set()
+_RELEASING: set[asyncio.Future[Any]] = set()
+
+
+class SharedExecution:
+    """Runs the document on the events of a feed for a whole group of subscribers. Its context
+    has no principal: nothing in a shared result can depend on who is asking (see above).
+
+    Live events go through one standing subscription of the document (root value `Pump`),
+    stepped once per event: parsing, validation, extensions and the subscription's set-up are
+    paid once per group, not once per event. A snapshot, or any item after the standing
+    execution failed, is executed on its own."""
+
+    def __init__(
+        self,
+        schema: BaseSchema,
+        context: Context,
+        query: str,
+        variables: dict[str, Any] | None,
+        operation_name: str | None,
+    ) -> None:
+        shared = copy.copy(context)
+        shared.connection_params = None
+        shared.set_principal(None)
+        self.schema = schema
+        self.context = shared
+        self.query = query
+        self.variables = variables
+        self.operation_name = operation_name
+        self._lock = asyncio.Lock()
+        self._pump = Pump()
+        self._stream: AsyncGenerator[ExecutionResult, None] | None = None
+        self._broken = False
+        self._closed = False
+
+    async def _subscribe(self, root: Pump | Replay) -> Any:
+        return await self.schema.subscribe(
+            self.query,
+            variable_values=self.variables,
+            context_value=self.context,
+            root_value=root,
+            operation_name=self.operation_name,
+        )
+
+    async def once(self, item: Item) -> str:
+        source = await self._subscribe(Replay(item))
+        if isinstance(source, ExecutionResult):
+            return encode_payload(source)
+        async with aclosing(source):
+            async for result in source:
+                return encode_payload(result)
+        raise RuntimeError("a shared execution gave no result")
+
+    async def __call__(self, item: Item) -> str:
+        if isinstance(item, Snapshot) or self._broken or self._closed:
+            return await self.once(item)
+        async with self._lock:
+            try:
+                if self._stream is None:
+                    source = await self._subscribe(self._pump)
+                    if isinstance(source, ExecutionResult):  # refused before any event
+                        self._broken = True
+                        return encode_payload(source)
+                    self._stream = source
+                self._pump.put(item)
+                result = await anext(self._stream)
+            except (Exception, StopAsyncIteration):
+                log.warning("shared execution failed; events are executed one by one")
+                self._broken = True
+                self._release()
+                return await self.once(item)
+        return encode_payload(result)
+
+    def _release(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            task = asyncio.ensure_future(stream.aclose())
+            _RELEASING.add(task)
+            task.add_done_callback(_RELEASING.discard)
+
+    def close(self) -> None:
+        self._closed = True
+        self._release()
 
 
 def shared_execution(
@@ -517,24 +621,5 @@ def shared_execution(
     query: str,
     variables: dict[str, Any] | None,
     operation_name: str | None,
-) -> Execute:
-    """Runs the document on one event for a whole group of subscribers. Its context has no
-    principal: nothing in a shared result can depend on who is asking (see above)."""
-    shared = copy.copy(context)
-    shared.connection_params = None
-    shared.set_principal(None)
-
-    async def execute(item: Item) -> str:
-        source = await schema.subscribe(
-            query,
-            variable_values=variables,
-            context_value=shared,
-            root_value=Replay(item),
-            operation_name=operation_name,
-        )
-        async with aclosing(source):
-            async for result in source:
-                return encode_payload(result)
-        raise RuntimeError("a shared execution gave no result")
-
-    return execute
+) -> SharedExecution:
+    return SharedExecution(schema, context, query, variables, operation_name)

@@ -8,7 +8,7 @@ from mora_graphql.events.types import SessionEvent as DomainEvent
 from mora_graphql.graphql.context import Info
 from mora_graphql.graphql.events import SessionEvent, to_graphql
 from mora_graphql.graphql.fanout import SHARED_EVENTS
-from mora_graphql.graphql.feed import Handoff, Replay
+from mora_graphql.graphql.feed import Handoff, Pump, Replay
 
 
 @strawberry.type
@@ -23,6 +23,11 @@ class Subscription:
         self, info: Info, session_id: strawberry.ID, after_seq: int | None = None
     ) -> AsyncGenerator[SessionEvent, None]:
         root = info.root_value
+        if isinstance(root, Pump):
+            # A session feed's standing execution for every subscriber of this document.
+            while True:
+                item = root.take()
+                yield SHARED_EVENTS.get(item) if isinstance(item, DomainEvent) else to_graphql(item)
         if isinstance(root, Replay):
             # A session feed executing one event for every subscriber of this document.
             item = root.item

@@ -47,9 +47,9 @@ from mora_graphql.errors import RateLimited, Unauthenticated
 from mora_graphql.graphql.context import Context
 from mora_graphql.graphql.deadlines import Deadline, deadlines
 from mora_graphql.graphql.feed import (
-    Execute,
     Handoff,
     Member,
+    SharedExecution,
     Writer,
     group_key,
     shared_execution,
@@ -237,7 +237,7 @@ class _FeedMixin:
 
     def _shared_execution(
         self, query: str, variables: dict[str, Any] | None, operation_name: str | None
-    ) -> Execute:
+    ) -> SharedExecution:
         """Runs the document on one event for a whole group of subscribers. Its context has no
         principal: nothing in a shared result can depend on who is asking (see feed.py)."""
         return shared_execution(self.schema, self.context, query, variables, operation_name)

@@ -147,6 +147,7 @@ class SessionRecorder:
         self._pending_chars = 0
         self._last_flush = -1e9
         self._flusher: asyncio.Task[None] | None = None
+        self._storing: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
 
     @property
@@ -314,6 +315,7 @@ class SessionRecorder:
         return event
 
     async def _reserve(self, ceiling: int) -> None:
+        await self._settle()
         async with single_statement(self.db) as session:
             held = await SessionRepository(session).update_run(
                 self.session_id, self.attempt, seq_ceiling=ceiling
@@ -326,6 +328,11 @@ class SessionRecorder:
         if self._failure is not None:
             failure, self._failure = self._failure, None
             raise failure
+
+    def _failed(self, exc: BaseException) -> None:
+        """Hand a failure of background work (a flush, a checkpoint) to the run's next call."""
+        if self._failure is None:
+            self._failure = exc
 
     async def _publish(
         self, kind: EventKind, *, text: str | None = None, payload: str | None = None
@@ -356,8 +363,8 @@ class SessionRecorder:
         self._flusher = None
         try:
             await self.flush()
-        except Exception as exc:  # handed to the run at its next call
-            self._failure = exc
+        except Exception as exc:
+            self._failed(exc)
 
     async def flush(self) -> None:
         """Publish the pending delta now."""
@@ -382,6 +389,8 @@ class SessionRecorder:
     async def close(self) -> None:
         """The run is over: a delta still pending (of a run that lost the session) is dropped."""
         await self._stop_flusher()
+        await self._settle()
+        self._failure = None
 
     async def _stop_flusher(self) -> None:
         flusher, self._flusher = self._flusher, None
@@ -443,38 +452,78 @@ class SessionRecorder:
 
     async def checkpoint(self, *, force: bool = False, **fields: Any) -> None:
         """Store the state published so far (time-based unless forced); acts on a cancel
-        asked of the run, and stops a run that lost the session."""
+        asked of the run, and stops a run that lost the session.
+
+        A periodic checkpoint is written in the background (one at a time, in order), so the
+        tokens of the run never wait for the database; what it finds (a cancel, a lost
+        session, an error) is raised at the run's next call. A forced one is written at once,
+        after the one in flight."""
         self._check_failure()
         now = time.monotonic()
-        if not force and now - self._last_checkpoint < self.checkpoint_interval:
+        if not force:
+            if now - self._last_checkpoint < self.checkpoint_interval or self._storing:
+                return
+            self._last_checkpoint = now
+            async with self._lock:
+                await self._flush_locked()
+                values = self._checkpoint_values({})
+            self._storing = asyncio.create_task(self._store_later(values))
             return
         self._last_checkpoint = now
+        await self._settle()
+        self._check_failure()
         async with self._lock:
             await self._flush_locked()
-            ceiling = self.ceiling
-            if ceiling - self.seq < SEQ_BLOCK // 2:
-                ceiling = self.seq + SEQ_BLOCK
-            values = {
-                "generated_code": self.code or None,
-                "stage": self.stage,
-                "progress": self.progress,
-                "last_seq": self.seq,
-                "seq_ceiling": ceiling,
-                **{name: storable(value) for name, value in fields.items()},
-            }
-            async with single_statement(self.db) as session:
-                cancel = await SessionRepository(session).update_run(
-                    self.session_id, self.attempt, **values
-                )
-            if cancel is None:
-                raise SessionEnded(self.session_id)
-            self.ceiling = ceiling
+            cancel = await self._store(self._checkpoint_values(fields))
         if cancel:
             raise CancelRequested(self.session_id)
+
+    def _checkpoint_values(self, fields: dict[str, Any]) -> dict[str, Any]:
+        ceiling = self.ceiling
+        if ceiling - self.seq < SEQ_BLOCK // 2:
+            ceiling = self.seq + SEQ_BLOCK
+        return {
+            "generated_code": self.code or None,
+            "stage": self.stage,
+            "progress": self.progress,
+            "last_seq": self.seq,
+            "seq_ceiling": ceiling,
+            **{name: storable(value) for name, value in fields.items()},
+        }
+
+    async def _store(self, values: dict[str, Any]) -> bool:
+        """One fenced checkpoint write; whether a cancel was asked."""
+        async with single_statement(self.db) as session:
+            cancel = await SessionRepository(session).update_run(
+                self.session_id, self.attempt, **values
+            )
+        if cancel is None:
+            raise SessionEnded(self.session_id)
+        # A checkpoint written in the background never lowers a ceiling reserved meanwhile:
+        # `_reserve` waits for it before writing its own.
+        self.ceiling = max(self.ceiling, values["seq_ceiling"])
+        return cancel
+
+    async def _store_later(self, values: dict[str, Any]) -> None:
+        try:
+            if await self._store(values):
+                self._failed(CancelRequested(self.session_id))
+        except Exception as exc:
+            self._failed(exc)
+        finally:
+            self._storing = None
+
+    async def _settle(self) -> None:
+        """Wait for the checkpoint being written in the background, if any."""
+        storing = self._storing
+        if storing is not None and storing is not asyncio.current_task():
+            await asyncio.shield(storing)
 
     async def still_held(self) -> None:
         """Raise SessionEnded when a later run took the session or it ended, CancelRequested
         when a cancel was asked (e.g. before an upstream call)."""
+        await self._settle()
+        self._check_failure()
         async with self.db() as session:
             row = await SessionRepository(session).get(self.session_id)
         if row is None or row.attempt != self.attempt or row.status.is_terminal:
@@ -486,6 +535,7 @@ class SessionRecorder:
         """A shutdown leaves the session to be resumed: store exactly what was published, so
         the resumed run continues right after it."""
         await self._stop_flusher()
+        await self._settle()
         async with self._lock:
             await self._flush_locked()
             async with transaction(self.db) as session:
@@ -511,6 +561,7 @@ class SessionRecorder:
         self, kind: EventKind, status: SessionStatus, payload: str | None, **fields: Any
     ) -> bool:
         await self._stop_flusher()
+        await self._settle()
         async with self._lock:
             with contextlib.suppress(SessionEnded):
                 await self._flush_locked()

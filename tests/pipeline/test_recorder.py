@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from sqlalchemy import text
 
 from mora_graphql.db import Database, create_engine, create_sessionmaker
 from mora_graphql.events.bus import EventBus, MemoryEventBus, Published
@@ -147,13 +148,48 @@ async def test_checkpoint_stores_exactly_what_was_published(db: Database) -> Non
     """A snapshot (stored code at last_seq) plus the later deltas rebuild the code."""
     bus = MemoryEventBus()
     session_id = await new_session(db)
-    recorder = await begin(db, bus, session_id, checkpoint_interval=0, flush_interval=60)
-    await recorder.code_delta("a")
-    await recorder.code_delta("b")
-    row = await row_of(db, session_id)
-    after = [e for e in await events_of(bus, session_id) if e.seq > row.last_seq]
-    assert (row.generated_code or "") + rebuilt(after) == "ab"
+    recorder = await begin(db, bus, session_id, checkpoint_interval=0, flush_interval=0.01)
+    stored = set()
+    for token in "abcdefghij":
+        await recorder.code_delta(token)
+        await asyncio.sleep(0.004)
+        row = await row_of(db, session_id)
+        events = await events_of(bus, session_id)
+        after = [e for e in events if e.seq > row.last_seq]
+        assert (row.generated_code or "") + rebuilt(after) == rebuilt(events)
+        stored.add(row.generated_code)
+    assert len(stored) > 2  # checkpoints were written while the tokens streamed
     assert await recorder.complete()
+    assert (await row_of(db, session_id)).generated_code == "abcdefghij"
+
+
+async def test_tokens_never_wait_for_a_checkpoint_write(db: Database) -> None:
+    """A checkpoint the database holds up (here: the row locked by another transaction) does
+    not hold up the run's tokens; what it stores once it goes through is what was published."""
+    bus = MemoryEventBus()
+    session_id = await new_session(db)
+    recorder = await begin(db, bus, session_id, checkpoint_interval=0, flush_interval=0)
+    async with db() as blocker:
+        await blocker.execute(
+            text("UPDATE sessions SET progress = progress WHERE id = :id"),
+            {"id": session_id.hex if blocker.bind.dialect.name == "sqlite" else session_id},
+        )
+
+        async def stream() -> None:
+            for token in "abcde":
+                await recorder.code_delta(token)
+
+        streamed = asyncio.create_task(stream())
+        done, _ = await asyncio.wait([streamed], timeout=1.0)
+        events = await events_of(bus, session_id)
+        await blocker.rollback()
+    await streamed
+    assert done, "the tokens waited for the locked row"
+    assert rebuilt(events) == "abcde"
+    assert await recorder.complete()
+    row = await row_of(db, session_id)
+    assert row.generated_code == "abcde"
+    assert row.status is SessionStatus.COMPLETED
 
 
 async def test_many_runs_share_the_checkpoint_budget(db: Database) -> None:

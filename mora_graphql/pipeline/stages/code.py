@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 from mora_graphql.errors import ErrorCode, PipelineError
@@ -47,17 +48,23 @@ async def generate_code(run: RunContext, transcript: Transcript) -> tuple[str, C
     code = await _stream_code(run, messages)
     if not code.strip():
         raise PipelineError(ErrorCode.AI_GENERATION_FAILED, "The model returned no code.")
-    check = check_code(code, language)
+    check = await checked(code, language)
     if not check.ok and check.error:
         error = f"line {check.line}: {check.error}" if check.line else check.error
         repaired = strip_code_fences(
             await collect(run, prompts.repair_messages(code, error, language))
         )
-        repaired_check = check_code(repaired, language)
+        repaired_check = await checked(repaired, language)
         if repaired.strip() and repaired_check.ok:
             await run.recorder.replace_code(repaired)
             code, check = repaired, repaired_check
     return code, check
+
+
+async def checked(code: str, language: str) -> CodeCheck:
+    """`check_code` off the event loop: parsing a long program takes milliseconds, and the
+    runs of many sessions end about together."""
+    return await asyncio.to_thread(check_code, code, language)
 
 
 async def _reduce(run: RunContext, partials: list[str], language: str, budget: int) -> list[str]:
