@@ -69,11 +69,15 @@ class CancelRequested(Exception):
     """A cancel was asked of this run (seen at a checkpoint); the run ends as CANCELLED."""
 
 
-class CheckpointBudget:
-    """The periodic checkpoints of one process's runs, spread so that together they make at
-    most `rate` a second (0: no bound): each run checkpoints every `interval` seconds, or less
-    often while more runs share the process. Every checkpoint is a database write, so without
-    a bound their rate grows with the number of sessions a worker streams."""
+class RateBudget:
+    """Something each run of a process does periodically (a checkpoint, a delta flush),
+    spread so that together the runs do it at most `rate` times a second (0: no bound): each
+    run does it every `interval` seconds, or less often while more runs share the process.
+
+    A checkpoint is a database write and a flushed delta an event every subscriber's process
+    executes and sends, so without a bound their rates grow with the number of sessions a
+    process streams; with one, a lone session keeps the short interval (tokens reach its
+    subscribers at once) and a busy process coalesces more per event."""
 
     def __init__(self, interval: float, rate: float) -> None:
         self.base = interval
@@ -98,9 +102,10 @@ class CheckpointBudget:
 @dataclass(frozen=True)
 class Pacing:
     checkpoint_interval: float = 1.0
-    flush_interval: float = 0.03
+    flush_interval: float = 0.005
     flush_chars: int = DELTA_FLUSH_CHARS
-    checkpoints: CheckpointBudget | None = None
+    checkpoints: RateBudget | None = None
+    flushes: RateBudget | None = None
 
 
 async def _bus_last_seq(bus: EventBus, session_id: uuid.UUID) -> int:
@@ -154,6 +159,11 @@ class SessionRecorder:
     def checkpoint_interval(self) -> float:
         budget = self.pacing.checkpoints
         return self.pacing.checkpoint_interval if budget is None else budget.interval
+
+    @property
+    def flush_interval(self) -> float:
+        budget = self.pacing.flushes
+        return self.pacing.flush_interval if budget is None else budget.interval
 
     @classmethod
     async def begin(
@@ -352,7 +362,7 @@ class SessionRecorder:
         self._pending.append(text)
         self._pending_chars += len(text)
         now = time.monotonic()
-        due = self._last_flush + self.pacing.flush_interval
+        due = self._last_flush + self.flush_interval
         if self._pending_chars >= self.pacing.flush_chars or now >= due:
             await self.flush()
         elif self._flusher is None:

@@ -28,8 +28,8 @@ from mora_graphql.pipeline.context import (
 from mora_graphql.pipeline.recorder import (
     STORE_FAILED,
     CancelRequested,
-    CheckpointBudget,
     Pacing,
+    RateBudget,
     SessionEnded,
     SessionRecorder,
 )
@@ -80,9 +80,9 @@ class PipelineRunner:
 
     def __init__(self, deps: PipelineDeps) -> None:
         self.deps = deps
-        self.checkpoints = CheckpointBudget(
-            deps.settings.checkpoint_interval, deps.settings.checkpoint_rate
-        )
+        settings = deps.settings
+        self.checkpoints = RateBudget(settings.checkpoint_interval, settings.checkpoint_rate)
+        self.flushes = RateBudget(settings.delta_flush_interval, settings.delta_flush_rate)
 
     async def run(
         self, session_id: uuid.UUID, stopping: Callable[[], bool] | None = None
@@ -94,6 +94,7 @@ class PipelineRunner:
             checkpoint_interval=deps.settings.checkpoint_interval,
             flush_interval=deps.settings.delta_flush_interval,
             checkpoints=self.checkpoints,
+            flushes=self.flushes,
         )
         starting = asyncio.ensure_future(
             SessionRecorder.begin(
@@ -118,7 +119,7 @@ class PipelineRunner:
         usage = Usage()
         wake: list[uuid.UUID] = []
         try:
-            with self.checkpoints.running():
+            with self.checkpoints.running(), self.flushes.running():
                 await self._run(recorder, usage, wake)
         except Parked:
             # No terminal write: the session stays PROCESSING, exactly as published so far.

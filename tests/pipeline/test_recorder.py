@@ -20,8 +20,8 @@ from mora_graphql.events.redis_bus import RedisEventBus
 from mora_graphql.events.types import EventKind, SessionEvent
 from mora_graphql.models import SessionStatus
 from mora_graphql.pipeline.recorder import (
-    CheckpointBudget,
     Pacing,
+    RateBudget,
     SessionEnded,
     SessionRecorder,
 )
@@ -196,7 +196,7 @@ async def test_many_runs_share_the_checkpoint_budget(db: Database) -> None:
     """A process streaming more sessions than its checkpoint rate covers checkpoints each one
     less often; alone, a run checkpoints at its own interval."""
     bus = MemoryEventBus()
-    budget = CheckpointBudget(interval=0.05, rate=10)
+    budget = RateBudget(interval=0.05, rate=10)
     sessions = [await new_session(db) for _ in range(2)]
     recorders = [
         await begin(db, bus, sid, checkpoint_interval=0.05, flush_interval=0, checkpoints=budget)
@@ -224,6 +224,39 @@ async def test_many_runs_share_the_checkpoint_budget(db: Database) -> None:
         assert await recorder.complete()
         row = await row_of(db, recorder.session_id)
         assert rebuilt(await events_of(bus, recorder.session_id)) == row.generated_code
+
+
+async def test_many_runs_coalesce_over_a_longer_window(db: Database) -> None:
+    """A lone run publishes each sparse token at once; while many runs share the process's
+    flush rate, each coalesces its tokens over a longer window, and nothing is lost."""
+    bus = MemoryEventBus()
+    budget = RateBudget(interval=0.005, rate=100)
+    session_id = await new_session(db)
+    recorder = await begin(
+        db, bus, session_id, checkpoint_interval=60, flush_interval=0.005, flushes=budget
+    )
+
+    async def deltas_for(tokens: int) -> int:
+        before = len(await events_of(bus, session_id))
+        for index in range(tokens):
+            await recorder.code_delta(f"t{index} ")
+            await asyncio.sleep(0.01)
+        await recorder.flush()
+        return len(await events_of(bus, session_id)) - before
+
+    with budget.running():
+        assert budget.interval == 0.01
+        alone = await deltas_for(30)
+        budget.runs += 19  # 20 runs: 100 flushes a second shared, one each 0.2 s
+        assert budget.interval == 0.2
+        busy = await deltas_for(30)
+        budget.runs -= 19
+    assert alone >= 25
+    assert busy <= 4
+    assert await recorder.complete()
+    row = await row_of(db, session_id)
+    assert rebuilt(await events_of(bus, session_id)) == row.generated_code
+    assert row.generated_code is not None and row.generated_code.count("t29 ") == 2
 
 
 # Fencing
