@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,6 +19,7 @@ from mora_graphql.pipeline.prompts import (
     merge_messages,
     repair_messages,
 )
+from mora_graphql.pipeline.stages.code import checked
 from mora_graphql.pipeline.transcript import TranscriptChunk
 
 PROGRAM = (
@@ -272,3 +275,15 @@ def test_repair_messages() -> None:
     assert "complete corrected program" in messages[0]["content"]
     assert "invalid syntax (line 1)" in messages[1]["content"]
     assert "def f(:" in messages[1]["content"]
+
+
+async def test_many_runs_check_their_code_at_once() -> None:
+    """Runs ending together check their code concurrently, off the event loop; every check
+    gives the answer a lone check gives."""
+    good = "".join(f"def f{n}(x):\n    return [x + {n} for _ in range(3)]\n" for n in range(400))
+    bad = good + "def broken(:\n"
+    checks = await asyncio.gather(
+        *(checked(bad if n % 7 == 0 else good, "python") for n in range(60))
+    )
+    assert [check.ok for check in checks] == [n % 7 != 0 for n in range(60)]
+    assert {check.line for check in checks if not check.ok} == {801}
