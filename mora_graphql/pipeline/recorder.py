@@ -152,6 +152,7 @@ class SessionRecorder:
         self._pending_chars = 0
         self._last_flush = -1e9
         self._flusher: asyncio.Task[None] | None = None
+        self._waiting = False
         self._storing: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
 
@@ -353,6 +354,11 @@ class SessionRecorder:
             return await self._emit(kind, text=text, payload=payload)
 
     # Deltas: coalesced per session into one event per flush window.
+    #
+    # The run never waits for a delta's publish: one background flusher per run publishes
+    # what is pending, and tokens arriving meanwhile join the next delta. A token after a
+    # quiet window is published at once; under load (a slow bus round trip, a long window)
+    # the deltas grow instead of the run falling behind its LLM stream.
 
     async def _delta(self, kind: EventKind, text: str) -> None:
         self._check_failure()
@@ -361,20 +367,37 @@ class SessionRecorder:
         self._pending_kind = kind
         self._pending.append(text)
         self._pending_chars += len(text)
-        now = time.monotonic()
-        due = self._last_flush + self.flush_interval
-        if self._pending_chars >= self.pacing.flush_chars or now >= due:
-            await self.flush()
-        elif self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush_later(due - now))
+        flusher = self._flusher
+        if flusher is not None and self._waiting and self._flush_delay() <= 0:
+            flusher.cancel()  # waiting out a window the size bound just ended
+            flusher = None
+        if flusher is None:
+            self._flusher = asyncio.create_task(self._flush_soon())
 
-    async def _flush_later(self, delay: float) -> None:
-        await asyncio.sleep(delay)
-        self._flusher = None
+    def _flush_delay(self) -> float:
+        if self._pending_chars >= self.pacing.flush_chars:
+            return 0.0
+        return self._last_flush + self.flush_interval - time.monotonic()
+
+    async def _flush_soon(self) -> None:
+        """The run's flusher: publishes the pending delta once its window is over, again
+        while more arrived during the publish, then ends."""
         try:
-            await self.flush()
+            while self._pending_kind is not None:
+                delay = self._flush_delay()
+                if delay > 0:
+                    self._waiting = True
+                    try:
+                        await asyncio.sleep(delay)
+                    finally:
+                        self._waiting = False
+                async with self._lock:
+                    await self._flush_locked()
         except Exception as exc:
             self._failed(exc)
+        finally:
+            if self._flusher is asyncio.current_task():
+                self._flusher = None
 
     async def flush(self) -> None:
         """Publish the pending delta now."""
@@ -382,6 +405,8 @@ class SessionRecorder:
             await self._flush_locked()
 
     async def _flush_locked(self) -> None:
+        """Publish the pending delta (the caller holds the lock, so the flusher is not in the
+        middle of a publish: if it waits, it is stopped, and this publishes for it)."""
         flusher = self._flusher
         if flusher is not None and flusher is not asyncio.current_task():
             flusher.cancel()
@@ -403,11 +428,14 @@ class SessionRecorder:
         self._failure = None
 
     async def _stop_flusher(self) -> None:
-        flusher, self._flusher = self._flusher, None
-        if flusher is not None and flusher is not asyncio.current_task():
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await flusher
+        """Stop the flusher between publishes (never during one: that would leave its seq
+        allocated and maybe unpublished); what it had pending stays pending."""
+        async with self._lock:
+            flusher, self._flusher = self._flusher, None
+            if flusher is not None and flusher is not asyncio.current_task():
+                flusher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await flusher
 
     def advance(self, progress: float) -> None:
         self.progress = min(max(self.progress, progress), 1.0)

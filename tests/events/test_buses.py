@@ -62,8 +62,7 @@ async def produce(
     assert recorder is not None
     for index in range(deltas):
         await recorder.code_delta(f"line {index}\n")
-        if pause:
-            await asyncio.sleep(pause)
+        await asyncio.sleep(pause)  # even 0: the delta is published before the next one
     await recorder.complete()
     return recorder.code
 

@@ -112,19 +112,17 @@ async def test_sparse_tokens_are_not_delayed_beyond_one_window(db: Database) -> 
         for index in range(5):
             sent = time.monotonic()
             await recorder.code_delta(f"a{index}")
+            # The first token after a quiet spell is published at once.
+            first = await subscriber.get(0.02)
+            assert first is not None and first.text == f"a{index}"
             # A token right after a flush waits for the window's end, no longer.
             await recorder.code_delta(f"b{index}")
-            first = await subscriber.get(1)
             second = await subscriber.get(1)
-            assert first is not None and second is not None
-            assert (first.text, second.text) == (f"a{index}", f"b{index}")
+            assert second is not None and second.text == f"b{index}"
             delays.append(time.monotonic() - sent)
             await asyncio.sleep(window * 2)
         assert max(delays) < window + 0.2, delays
-        # The first token after a quiet spell is published at once, within the call.
-        await recorder.code_delta("c")
-        event = await subscriber.get(0)
-        assert event is not None and event.text == "c"
+        assert min(delays) > window / 2, delays
     assert await recorder.complete()
     assert (
         rebuilt(await events_of(bus, session_id)) == (await row_of(db, session_id)).generated_code
@@ -136,8 +134,10 @@ async def test_size_bound_flushes_at_once(db: Database) -> None:
     session_id = await new_session(db)
     recorder = await begin(db, bus, session_id, flush_interval=60, flush_chars=100)
     await recorder.code_delta("x")  # quiet before: published at once
+    await asyncio.sleep(0.01)
     for _ in range(10):
         await recorder.code_delta("y" * 30)
+        await asyncio.sleep(0.001)
     events = await events_of(bus, session_id)
     assert [len(e.text or "") for e in events if e.kind is EventKind.CODE_DELTA] == [1, 120, 120]
     assert await recorder.complete()
@@ -262,6 +262,12 @@ async def test_many_runs_coalesce_over_a_longer_window(db: Database) -> None:
 # Fencing
 
 
+async def keep_streaming(recorder: SessionRecorder) -> None:
+    for _ in range(50):
+        await recorder.code_delta("stale")
+        await asyncio.sleep(0.01)
+
+
 async def test_a_stale_run_writes_and_publishes_nothing(db: Database, bus: EventBus) -> None:
     """A run that lost its session (a paused worker whose job was taken over) is refused
     by the row and by the bus; the run that took over continues the sequence."""
@@ -271,8 +277,8 @@ async def test_a_stale_run_writes_and_publishes_nothing(db: Database, bus: Event
     taken = await begin(db, bus, session_id, checkpoint_interval=0, flush_interval=0)
     assert taken.attempt == stale.attempt + 1
     before = await events_of(bus, session_id)
-    with pytest.raises(SessionEnded):
-        await stale.code_delta("stale")
+    with pytest.raises(SessionEnded):  # refused in the background, raised at its next call
+        await keep_streaming(stale)
     assert not await stale.complete()
     assert not await stale.cancelled()
     # Nothing of the stale run reached the bus or the row, even at a seq never used.
@@ -310,6 +316,7 @@ async def test_a_resumed_run_starts_above_the_ceiling_when_the_bus_forgot(db: Da
     crashed = await begin(db, first_bus, session_id, checkpoint_interval=3600, flush_interval=0)
     for index in range(40):
         await crashed.code_delta(f"{index} ")
+        await asyncio.sleep(0.001)
     published = (await events_of(first_bus, session_id))[-1].seq
     assert (await row_of(db, session_id)).last_seq < published
     second_bus = MemoryEventBus()
