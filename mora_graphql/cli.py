@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from mora_graphql.config import Settings, SettingsError, get_settings
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable
+    from collections.abc import Awaitable, Coroutine
 
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -128,7 +128,18 @@ def cmd_worker(args: argparse.Namespace) -> None:
         settings = settings.model_copy(update={"job_concurrency": args.concurrency})
     configure_logging(settings.log_level, json=settings.json_logs)
     register_secrets(settings_secrets(settings))
-    asyncio.run(run_worker(settings))
+    _run_fast(run_worker(settings))
+
+
+def _run_fast(main: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop where it is installed (as `mora serve` does through uvicorn): a worker
+    streaming hundreds of sessions spends much of its time in the event loop's I/O."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
 
 
 def cmd_export_schema(args: argparse.Namespace) -> None:
