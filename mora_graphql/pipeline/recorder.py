@@ -47,6 +47,9 @@ SEQ_BLOCK = 256
 DELTA_FLUSH_CHARS = 4_096
 """A pending delta this long is published at once, whatever the flush window."""
 
+READ_AHEAD = 0.002
+"""A run paused by `read_pause` reads again this long before its delta's window ends."""
+
 DELTA_KINDS = frozenset({EventKind.CODE_DELTA, EventKind.THOUGHT_DELTA})
 
 STORE_FAILED = "The results of this session could not be stored."
@@ -373,6 +376,15 @@ class SessionRecorder:
             flusher = None
         if flusher is None:
             self._flusher = asyncio.create_task(self._flush_soon())
+
+    def read_pause(self) -> float:
+        """Seconds the run may leave its LLM stream unread: until just before the window of
+        its pending delta ends. Tokens arriving meanwhile wait in the socket and are read in
+        one go at the end of the window, in time for the same delta: a wake-up and a socket
+        read per token cost several times more than the token itself."""
+        if not self._waiting:
+            return 0.0
+        return self._flush_delay() - READ_AHEAD
 
     def _flush_delay(self) -> float:
         if self._pending_chars >= self.pacing.flush_chars:

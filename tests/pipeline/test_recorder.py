@@ -129,6 +129,29 @@ async def test_sparse_tokens_are_not_delayed_beyond_one_window(db: Database) -> 
     )
 
 
+async def test_a_run_may_leave_its_stream_unread_until_its_window_ends(db: Database) -> None:
+    """While a delta waits for its window, the run may pause reading (the tokens wait in the
+    socket and join the same delta); with nothing pending it reads on at once."""
+    bus = MemoryEventBus()
+    session_id = await new_session(db)
+    window = 0.1
+    recorder = await begin(db, bus, session_id, checkpoint_interval=60, flush_interval=window)
+    await recorder.code_delta("a")  # quiet before: published at once
+    await asyncio.sleep(0.01)
+    assert recorder.read_pause() == 0.0
+    await recorder.code_delta("b")  # inside the window: waits for its end
+    await asyncio.sleep(0)
+    pause = recorder.read_pause()
+    assert window / 2 < pause < window
+    await asyncio.sleep(pause)
+    await recorder.code_delta("c")  # read just before the window ends: the same delta
+    await asyncio.sleep(0.05)
+    deltas = [e.text for e in await events_of(bus, session_id) if e.kind is EventKind.CODE_DELTA]
+    assert deltas == ["a", "bc"]
+    assert recorder.read_pause() == 0.0
+    assert await recorder.complete()
+
+
 async def test_size_bound_flushes_at_once(db: Database) -> None:
     bus = MemoryEventBus()
     session_id = await new_session(db)

@@ -120,10 +120,13 @@ async def _stream_code(run: RunContext, messages: list[dict[str, str]]) -> str:
         async for chunk in run.deps.llm.stream_chat(messages, usage=run.usage):
             if chunk.kind == "reasoning":
                 await recorder.thought(chunk.text)
-                continue
-            released = fence.feed(chunk.text)
-            if released:
-                await recorder.code_delta(released, _code_progress(recorder.code))
+            else:
+                released = fence.feed(chunk.text)
+                if released:
+                    await recorder.code_delta(released, _code_progress(recorder.code))
+            pause = recorder.read_pause()
+            if pause > 0:
+                await asyncio.sleep(pause)
         tail = fence.finish()
         if tail:
             await recorder.code_delta(tail)
