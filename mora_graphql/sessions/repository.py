@@ -45,6 +45,15 @@ SESSIONS = cast("Table", VideoSession.__table__)
 SessionRow = Row[Any]
 """A session as a plain row (attribute names as on `VideoSession`): what read paths return."""
 
+_UPDATE_RUN = (
+    update(SESSIONS)
+    .where(SESSIONS.c.id == bindparam("run_id"))
+    .where(SESSIONS.c.attempt == bindparam("run_attempt"))
+    .where(SESSIONS.c.status.in_(ACTIVE_STATUSES))
+    .returning(SESSIONS.c.cancel_requested)
+)
+"""A write of one run (`SessionRepository.update_run`): Core, since a run makes one at every
+checkpoint and the ORM's bulk-update path costs several times the statement itself."""
 _READ_ANY = select(*SESSIONS.c).where(SESSIONS.c.id == bindparam("id"))
 _READ_OWNED = _READ_ANY.where(SESSIONS.c.owner_id == bindparam("owner"))
 
@@ -169,14 +178,10 @@ class SessionRepository:
         """A write of the run `attempt` (fenced: only while that run holds the active
         session). None when it does not hold it any more, else whether a cancel was asked."""
         values.setdefault("updated_at", utcnow())
-        result = await self.session.execute(
-            update(VideoSession)
-            .where(VideoSession.id == session_id)
-            .where(VideoSession.attempt == attempt)
-            .where(VideoSession.status.in_(ACTIVE_STATUSES))
-            .values(**values)
-            .returning(VideoSession.cancel_requested)
-            .execution_options(synchronize_session=False)
+        conn = await self.session.connection()
+        result = await conn.execute(
+            _UPDATE_RUN.values(**values),
+            {"run_id": session_id, "run_attempt": attempt},
         )
         found = result.scalar_one_or_none()
         return None if found is None else bool(found)
