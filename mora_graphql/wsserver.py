@@ -89,6 +89,13 @@ class WritableFlag:
         return True
 
 
+SEND_NOW = "mora.websocket.send_now"
+"""Scope extension: `send_now(text) -> bool` writes a text frame synchronously, for frames
+made outside the connection's own coroutine (the session feeds' fan-out): no task switch, no
+ASGI message. False when it cannot write now (not open yet, closing, paused by flow control);
+the caller then sends through ASGI as usual, so nothing is reordered or lost."""
+
+
 class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
     """`ws="websockets-sansio"` with the per-connection savings described above."""
 
@@ -103,6 +110,22 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         # The scope has its own copy; websockets' frame parser keeps the request object alive
         # for the connection's life, but not what it held.
         event.headers.clear()
+        scope = getattr(self, "scope", None)
+        if scope is not None:
+            scope.setdefault("extensions", {})[SEND_NOW] = self.send_now
+
+    def send_now(self, text: str) -> bool:
+        if (
+            not self.handshake_complete
+            or self.close_sent
+            or self.initial_response is not None
+            or self.transport.is_closing()
+            or not self.writable.is_set()
+        ):
+            return False
+        self.conn.send_text(text.encode())
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        return True
 
     async def send(self, message: Any) -> None:
         await super().send(message)

@@ -102,10 +102,16 @@ class Writer:
     """One connection's bounded FIFO of text frames and the task that writes them (started at
     the first frame). `push` never waits: it refuses a frame when `limit` frames are queued."""
 
-    __slots__ = ("_drained", "_frames", "_send", "_task", "_wake", "closed", "limit")
+    __slots__ = ("_drained", "_frames", "_send", "_send_now", "_task", "_wake", "closed", "limit")
 
-    def __init__(self, send: Callable[[str], Awaitable[None]], limit: int) -> None:
+    def __init__(
+        self,
+        send: Callable[[str], Awaitable[None]],
+        limit: int,
+        send_now: Callable[[str], bool] | None = None,
+    ) -> None:
         self._send = send
+        self._send_now = send_now
         self._frames: deque[str] = _EMPTY
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Future[None] | None = None
@@ -118,6 +124,13 @@ class Writer:
             return True
         if len(self._frames) >= self.limit:
             return False
+        if (
+            self._send_now is not None
+            and not self._frames
+            and (self._task is None or self._wake is not None)
+            and self._send_now(frame)
+        ):
+            return True  # written at once: nothing queued, and the writer is not mid-send
         if self._frames is _EMPTY:
             self._frames = deque()  # allocated at the first frame: parked subscribers stay small
         self._frames.append(frame)

@@ -57,6 +57,7 @@ from mora_graphql.graphql.feed import (
 from mora_graphql.graphql.frames import LEGACY_WS, TRANSPORT_WS, Frames
 from mora_graphql.graphql.persisted import is_persisted_payload
 from mora_graphql.ratelimit import SUBSCRIPTION_RETRY_AFTER
+from mora_graphql.wsserver import SEND_NOW
 
 if TYPE_CHECKING:
     from strawberry.http.async_base_view import AsyncWebSocketAdapter
@@ -232,7 +233,8 @@ class _FeedMixin:
         if writer is None:
             adapter = cast("LimitedWebSocketAdapter", self.websocket)
             limit = self.context.deps.settings.subscriber_buffer
-            writer = self._writer = Writer(adapter.send_text, limit)
+            send_now = adapter.ws.scope.get("extensions", {}).get(SEND_NOW)
+            writer = self._writer = Writer(adapter.send_text, limit, send_now)
         return writer
 
     def _shared_execution(
