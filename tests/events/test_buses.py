@@ -62,7 +62,9 @@ async def produce(
     assert recorder is not None
     for index in range(deltas):
         await recorder.code_delta(f"line {index}\n")
-        await asyncio.sleep(pause)  # even 0: the delta is published before the next one
+        await recorder.flush()  # one event per delta, whatever the bus's round trip
+        if pause:
+            await asyncio.sleep(pause)
     await recorder.complete()
     return recorder.code
 
