@@ -21,6 +21,7 @@ from mora_graphql.config import Settings
 from mora_graphql.errors import BadRequest, MoraError
 from mora_graphql.graphql.context import Context
 from mora_graphql.graphql.events import EVENT_TYPES
+from mora_graphql.graphql.execution import PlainDataExecutor
 from mora_graphql.graphql.inputs import SUBSCRIPTION_TRANSPORTS, unusable_text
 from mora_graphql.graphql.limits import (
     CACHE_SIZE,
@@ -177,4 +178,5 @@ def build_schema(settings: Settings) -> strawberry.Schema:
             lambda: MaskUnexpectedErrors(suggestions=suggestions),
         ],
         config=StrawberryConfig(disable_field_suggestions=not suggestions),
+        execution_context_class=PlainDataExecutor,
     )
