@@ -111,6 +111,7 @@ def graphql_deps(runtime: Runtime) -> GraphQLDeps:
         settings=runtime.settings,
         db=runtime.db,
         reads=runtime.reads,
+        reader=runtime.reader,
         limiter=runtime.limiter,
         sessions=runtime.sessions,
         responses=ResponseCache.build(runtime.settings, runtime.redis),

@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from strawberry.types.nodes import FragmentSpread, InlineFragment, SelectedField, Selection
 
 from mora_graphql.auth.service import AuthService
-from mora_graphql.db import run_read
+from mora_graphql.db import Reader, run_read
 from mora_graphql.errors import BadUserInput
 from mora_graphql.graphql.context import Info
 from mora_graphql.graphql.response_cache import list_tag, session_tag, user_tag
@@ -36,6 +36,11 @@ async def _read(info: Info, read: Callable[[AsyncSession], Awaitable[T]]) -> T:
     mid-statement would leave its connection for the garbage collector instead of returning it
     to the pool."""
     return await asyncio.shield(asyncio.ensure_future(run_read(info.context.deps.reads, read)))
+
+
+async def _select(info: Info, read: Callable[[Reader], Awaitable[T]]) -> T:
+    """A read through the context's `Reader`, shielded as `_read`."""
+    return await asyncio.shield(asyncio.ensure_future(read(info.context.deps.reader)))
 
 
 def _field_names(selections: list[Selection], path: tuple[str, ...]) -> set[str] | None:
@@ -84,7 +89,7 @@ class Query:
                 recorder.forbid()
             else:
                 await recorder.depend(session_tag(ident))
-        row = await _read(info, lambda db: service.find(db, id))
+        row = await _select(info, lambda reader: service.find(reader, id))
         if recorder is not None:
             recorder.saw(row.status if row else None)
         return Session.of(row) if row else None
@@ -114,10 +119,10 @@ class Query:
             else:
                 recorder.forbid()
         skip = _unselected_heavy_columns(info)
-        rows, has_next = await _read(
+        rows, has_next = await _select(
             info,
-            lambda db: service.page(
-                db, first=first, after=cursor, status=status, skip_columns=skip
+            lambda reader: service.page(
+                reader, first=first, after=cursor, status=status, skip_columns=skip
             ),
         )
         if recorder is not None:
