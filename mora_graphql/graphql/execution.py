@@ -26,11 +26,18 @@ graphql-core's path, and their object results are planned the same way one level
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Collection
 from math import isfinite
 from typing import Any, cast
 
 from graphql import (
+    BooleanValueNode,
+    EnumValueNode,
+    FieldNode,
+    FloatValueNode,
+    FragmentDefinitionNode,
     GraphQLBoolean,
     GraphQLField,
     GraphQLFloat,
@@ -39,7 +46,14 @@ from graphql import (
     GraphQLLeafType,
     GraphQLObjectType,
     GraphQLOutputType,
+    GraphQLSchema,
     GraphQLString,
+    InlineFragmentNode,
+    IntValueNode,
+    NullValueNode,
+    OperationDefinitionNode,
+    SelectionSetNode,
+    StringValueNode,
     get_nullable_type,
     is_leaf_type,
     is_list_type,
@@ -243,7 +257,12 @@ class PlainDataExecutor(StrawberryGraphQLCoreExecutionContext):
         super().__init__(*args, **kwargs)
         manager = self.middleware_manager
         self._planning = manager is None or not manager.middlewares
-        self._plans: dict[int, tuple[GroupedFieldSet, tuple[_Step, ...] | None]] = {}
+        self._plans: dict[int, tuple[GroupedFieldSet, _Plan | None]] = {}
+        self._shared = (
+            _SHARED.plans(self.schema, self.operation, self.fragment_definitions)
+            if self._planning
+            else None
+        )
 
     def build_per_event_executor(self, payload: Any) -> PlainDataExecutor:
         executor = cast("PlainDataExecutor", super().build_per_event_executor(payload))
@@ -258,12 +277,12 @@ class PlainDataExecutor(StrawberryGraphQLCoreExecutionContext):
         grouped_field_set: GroupedFieldSet,
         position_context: Any,
     ) -> AwaitableOrValue[dict[str, Any]]:
-        if path is None or position_context is not None or not self._planning:
-            return super().execute_fields(
-                parent_type, source_value, path, grouped_field_set, position_context
-            )
-        steps = self._plan(parent_type, grouped_field_set)
-        if steps is None:
+        plan = (
+            None
+            if path is None or position_context is not None or not self._planning
+            else self._plan(parent_type, grouped_field_set)
+        )
+        if plan is None:
             return super().execute_fields(
                 parent_type, source_value, path, grouped_field_set, position_context
             )
@@ -271,7 +290,9 @@ class PlainDataExecutor(StrawberryGraphQLCoreExecutionContext):
         is_awaitable = self.is_awaitable
         awaitable_fields: list[str] = []
         try:
-            for response_name, field_details_list, get, spec in steps:
+            for (response_name, field_details_list), (get, spec) in zip(
+                grouped_field_set.items(), plan, strict=True
+            ):
                 if get is not None and spec is not None:
                     try:
                         results[response_name] = spec.complete(get(source_value))
@@ -309,23 +330,41 @@ class PlainDataExecutor(StrawberryGraphQLCoreExecutionContext):
 
     def _plan(
         self, parent_type: GraphQLObjectType, grouped_field_set: GroupedFieldSet
-    ) -> tuple[_Step, ...] | None:
-        """The steps for this field set (None when no field is plain data), memoized on the
-        set's identity like graphql-core's `collect_subfields`."""
-        key = id(grouped_field_set)
-        cached = self._plans.get(key)
+    ) -> _Plan | None:
+        """How to complete each field of this set (None when no field is plain data),
+        memoized on the set's identity like graphql-core's `collect_subfields`, and across
+        requests for the operation when its field sets cannot depend on variables."""
+        cached = self._plans.get(id(grouped_field_set))
         if cached is not None:
             return cached[1]
+        shared = self._shared
+        if shared is None:
+            plan = self._new_plan(parent_type, grouped_field_set)
+        else:
+            key = (
+                parent_type.name,
+                *(
+                    (name, *(id(details.node) for details in field_details_list))
+                    for name, field_details_list in grouped_field_set.items()
+                ),
+            )
+            if key in shared:
+                plan = shared[key]
+            else:
+                plan = shared[key] = self._new_plan(parent_type, grouped_field_set)
+        self._plans[id(grouped_field_set)] = (grouped_field_set, plan)
+        return plan
+
+    def _new_plan(
+        self, parent_type: GraphQLObjectType, grouped_field_set: GroupedFieldSet
+    ) -> _Plan | None:
         try:
-            steps = tuple(
-                (name, details, *self._field_plan(parent_type, details))
-                for name, details in grouped_field_set.items()
+            plan = tuple(
+                self._field_plan(parent_type, details) for details in grouped_field_set.values()
             )
         except RecursionError:
-            steps = ()
-        plan = steps if any(step[3] is not None for step in steps) else None
-        self._plans[key] = (grouped_field_set, plan)
-        return plan
+            return None
+        return plan if any(spec is not None for _get, spec in plan) else None
 
     def _field_plan(
         self, parent_type: GraphQLObjectType, field_details_list: FieldDetailsList
@@ -379,7 +418,76 @@ class PlainDataExecutor(StrawberryGraphQLCoreExecutionContext):
         return _Object(nullable, tuple(fields))
 
 
-_Step = tuple[str, FieldDetailsList, Getter | None, _Spec | None]
+_Plan = tuple[tuple[Getter, _Spec] | tuple[None, None], ...]
+_Plans = dict[tuple[Any, ...], _Plan | None]
+_LITERALS = (
+    NullValueNode,
+    BooleanValueNode,
+    StringValueNode,
+    IntValueNode,
+    FloatValueNode,
+    EnumValueNode,
+)
+
+
+class _SharedPlans:
+    """The plans of recent operations, per schema, reused across requests: a field set
+    depends on the variables only through `@skip` / `@include` arguments and fragment
+    arguments, so the plans of an operation without variables there are the same for
+    every request. Keys hold AST node ids; each entry keeps its operation alive, so an id
+    cannot be reused by another document while the entry exists."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.by_schema: weakref.WeakKeyDictionary[
+            GraphQLSchema,
+            OrderedDict[
+                int, tuple[OperationDefinitionNode, dict[tuple[Any, ...], _Plan | None] | None]
+            ],
+        ] = weakref.WeakKeyDictionary()
+
+    def plans(
+        self,
+        schema: GraphQLSchema,
+        operation: OperationDefinitionNode,
+        fragments: dict[str, FragmentDefinitionNode],
+    ) -> _Plans | None:
+        """The shared plans of `operation`, None when they depend on the variables."""
+        operations = self.by_schema.get(schema)
+        if operations is None:
+            operations = self.by_schema[schema] = OrderedDict()
+        entry = operations.get(id(operation))
+        if entry is not None:
+            operations.move_to_end(id(operation))
+            return entry[1]
+        static = _static(operation.selection_set) and all(
+            not fragment.variable_definitions and _static(fragment.selection_set)
+            for fragment in fragments.values()
+        )
+        plans: _Plans | None = {} if static else None
+        operations[id(operation)] = (operation, plans)
+        while len(operations) > self.size:
+            operations.popitem(last=False)
+        return plans
+
+
+_SHARED = _SharedPlans(256)
+
+
+def _static(selection_set: SelectionSetNode | None) -> bool:
+    """No directive in these selections takes a variable."""
+    if selection_set is None:
+        return True
+    for selection in selection_set.selections:
+        for directive in selection.directives or ():
+            for argument in directive.arguments or ():
+                if not isinstance(argument.value, _LITERALS):
+                    return False
+        if isinstance(selection, FieldNode | InlineFragmentNode) and not _static(
+            selection.selection_set
+        ):
+            return False
+    return True
 
 
 def _only(directives: Collection[Any] | None, names: frozenset[str]) -> bool:

@@ -27,6 +27,7 @@ from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
 
 from mora_graphql.errors import ErrorCode
 from mora_graphql.graphql.execution import PlainDataExecutor
+from mora_graphql.graphql.limits import CachedParser
 from mora_graphql.graphql.types import (
     PageInfo,
     Session,
@@ -60,18 +61,29 @@ class Probe:
 
 
 class CountingExecutor(PlainDataExecutor):
-    """Counts the fields graphql-core executes itself."""
+    """Counts the fields graphql-core executes itself, and the plans made."""
 
     executed: list[str] = []  # noqa: RUF012 - reset by each test
+    planned: list[str] = []  # noqa: RUF012
 
     def execute_field(self, parent_type: Any, source: Any, details: Any, *rest: Any) -> Any:
         CountingExecutor.executed.append(f"{parent_type.name}.{details[0].node.name.value}")
         return super().execute_field(parent_type, source, details, *rest)
 
+    def _new_plan(self, parent_type: Any, grouped_field_set: Any) -> Any:
+        CountingExecutor.planned.append(parent_type.name)
+        return super()._new_plan(parent_type, grouped_field_set)
 
-FAST = strawberry.Schema(query=Probe, execution_context_class=CountingExecutor)
+
+# Both parse through the process-wide cache, as the server does: the same text is the same
+# document, so plans are shared across requests.
+FAST = strawberry.Schema(
+    query=Probe, execution_context_class=CountingExecutor, extensions=[CachedParser]
+)
 REFERENCE = strawberry.Schema(
-    query=Probe, execution_context_class=StrawberryGraphQLCoreExecutionContext
+    query=Probe,
+    execution_context_class=StrawberryGraphQLCoreExecutionContext,
+    extensions=[CachedParser],
 )
 
 
@@ -297,6 +309,7 @@ def unwrap(kind: Any) -> Any:
 
 @dataclass
 class Document:
+    variables: bool
     fragments: list[str] = field(default_factory=list)
     aliases: int = 0
 
@@ -307,6 +320,9 @@ def selection(draw: st.DrawFn, kind: GraphQLObjectType, doc: Document, depth: in
     inline and named fragments, `@skip` / `@include`; never empty."""
     names = sorted(kind.fields)
     chosen = draw(st.lists(st.sampled_from(names), min_size=1, max_size=min(6, len(names))))
+    directives = ["", "", "", "", "@include(if: true)", "@skip(if: false)", "@skip(if: true)"]
+    if doc.variables:
+        directives += ["@include(if: $yes)", "@skip(if: $yes)"]
     parts: list[str] = []
     for name in chosen:
         inner = unwrap(kind.fields[name].type)
@@ -314,12 +330,7 @@ def selection(draw: st.DrawFn, kind: GraphQLObjectType, doc: Document, depth: in
         if draw(st.integers(0, 3)) == 0:
             doc.aliases += 1
             text = f"a{doc.aliases}: {name}"
-        directive = draw(
-            st.sampled_from(
-                ["", "", "", "", "@include(if: $yes)", "@skip(if: $yes)", "@skip(if: false)"]
-            )
-        )
-        text = f"{text} {directive}".strip()
+        text = f"{text} {draw(st.sampled_from(directives))}".strip()
         if not is_leaf_type(inner):
             if depth >= 3:
                 text += " { __typename }"
@@ -340,15 +351,19 @@ def selection(draw: st.DrawFn, kind: GraphQLObjectType, doc: Document, depth: in
 
 @st.composite
 def queries(draw: st.DrawFn, root_field: str) -> str:
-    doc = Document()
+    """A query on `root_field`; half of them use the variable `$yes` in directives (their
+    plans are made per request), the others only literal arguments (plans shared across
+    requests)."""
+    doc = Document(variables=draw(st.booleans()))
     kind = unwrap(GRAPHQL.query_type.fields[root_field].type)
     body = draw(selection(kind, doc))
     key = "key: id" if root_field == "session" else "key: pageInfo { hasNextPage }"
     head = (
-        f"query Q($yes: Boolean!) {{ here: __typename @include(if: $yes) "
-        f"{root_field} {{ {key} ...on {kind.name} {body} }} }}"
+        "query Q($yes: Boolean!) { here: __typename @include(if: $yes) "
+        if doc.variables
+        else "query Q { "
     )
-    return " ".join([head, *doc.fragments])
+    return " ".join([f"{head}{root_field} {{ {key} ...on {kind.name} {body} }} }}", *doc.fragments])
 
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -563,3 +578,26 @@ def test_values_coerced_by_their_type() -> None:
     assert outcome.data == {
         "session": {"progress": 1.0, "lastSeq": 3, "videoInfo": {"title": "12", "duration": 7.5}}
     }
+
+
+def test_plans_are_shared_across_requests_unless_variables_steer_the_selection() -> None:
+    static = "{ session { id timeline { segments { startTime @skip(if: false) } } } }"
+    CountingExecutor.planned = []
+    first = both(static, one(clean_row()))
+    assert CountingExecutor.planned == ["Session"]
+    segment = {"startTime": 5, "endTime": 6, "description": "d"}
+    changed = clean_row(id=uuid.UUID(int=9), timeline={"segments": [segment]})
+    second = both(static, one(changed))
+    assert CountingExecutor.planned == ["Session"]  # the first request's plan
+    assert first.data["session"]["id"] != second.data["session"]["id"]
+    assert second.data["session"]["timeline"] == {"segments": [{"startTime": 5.0}]}
+
+    steered = "query($yes: Boolean!) { session { id videoInfo { title @include(if: $yes) } } }"
+    CountingExecutor.planned = []
+    assert both(steered, one(clean_row()), {"yes": True}).data == {
+        "session": {"id": str(uuid.UUID(int=7)), "videoInfo": {"title": "CSV"}}
+    }
+    assert both(steered, one(clean_row()), {"yes": False}).data == {
+        "session": {"id": str(uuid.UUID(int=7)), "videoInfo": {}}
+    }
+    assert CountingExecutor.planned == ["Session", "Session"]
