@@ -25,9 +25,11 @@ from hypothesis import HealthCheck, given, settings, target
 from hypothesis import strategies as st
 from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
 
+from mora_graphql.config import Settings
 from mora_graphql.errors import ErrorCode
 from mora_graphql.graphql.execution import PlainDataExecutor
-from mora_graphql.graphql.limits import CachedParser
+from mora_graphql.graphql.limits import Documents, QueryLimits
+from mora_graphql.graphql.schema import MoraExtension
 from mora_graphql.graphql.types import (
     PageInfo,
     Session,
@@ -75,15 +77,35 @@ class CountingExecutor(PlainDataExecutor):
         return super()._new_plan(parent_type, grouped_field_set)
 
 
-# Both parse through the process-wide cache, as the server does: the same text is the same
-# document, so plans are shared across requests.
+class Unmasked(MoraExtension):
+    """The server's extension (parse and validation cache, limits) showing every error."""
+
+    def _process_result(self, result: object) -> None:
+        pass
+
+
+# Both parse through the server's document cache: the same text is the same document, so
+# plans are shared across requests.
+LIMITS = QueryLimits.from_settings(
+    Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        secret_key="x" * 40,
+        graphql_max_depth=20,
+        graphql_max_aliases=1_000,
+        graphql_max_directives=1_000,
+        graphql_max_tokens=100_000,
+    )
+)
+DOCUMENTS = Documents(LIMITS)
 FAST = strawberry.Schema(
-    query=Probe, execution_context_class=CountingExecutor, extensions=[CachedParser]
+    query=Probe,
+    execution_context_class=CountingExecutor,
+    extensions=[lambda: Unmasked(DOCUMENTS)],
 )
 REFERENCE = strawberry.Schema(
     query=Probe,
     execution_context_class=StrawberryGraphQLCoreExecutionContext,
-    extensions=[CachedParser],
+    extensions=[lambda: Unmasked(DOCUMENTS)],
 )
 
 
