@@ -388,6 +388,13 @@ class PooledReader:
         return rows[0] if rows else None
 
     async def all(self, statement: Select[Any], params: Mapping[str, Any]) -> Sequence[Any]:
+        if not self._driver:
+            # shielded: SQLAlchemy's connection cancelled mid-statement would be left for the
+            # garbage collector instead of returning to the pool
+            return await asyncio.shield(asyncio.ensure_future(self._gated(statement, params)))
+        return await self._gated(statement, params)
+
+    async def _gated(self, statement: Select[Any], params: Mapping[str, Any]) -> Sequence[Any]:
         if self._slots is None:
             return await self._read(statement, params)
         async with self._slots:
@@ -422,7 +429,8 @@ class PooledReader:
                 await greenlet_spawn(self._pool._invalidate, fairy, exc)
             raise
         except BaseException:
-            await greenlet_spawn(fairy.invalidate)  # cancelled mid-statement: never reused
+            # cancelled (a sibling field failed): the statement may still be running on it
+            await greenlet_spawn(fairy.invalidate)
             raise
         finally:
             await greenlet_spawn(fairy.close)

@@ -210,3 +210,30 @@ async def test_a_burst_of_reads_waits_for_the_pooled_connections(
         await locker.dispose()
     assert all(row is not None and row.id == ids[1] for row in rows)
     assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def test_a_read_cancelled_mid_statement_leaves_the_pool_sound(
+    postgres_url: str, engine: AsyncEngine
+) -> None:
+    """Cancelled while its statement runs (a sibling field failed): its connection is closed,
+    not returned to the pool with the statement still running on it."""
+    owner, ids = await sessions_of_one_user(engine)
+    reader = PooledReader(engine)
+    assert (await read_visible(reader, ids[1], owner)) is not None
+    before = await backend_pids(postgres_url)
+    locker = create_async_engine(postgres_url, poolclass=NullPool)
+    try:
+        async with locker.connect() as conn:
+            await conn.execute(text("LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE"))
+            read = asyncio.ensure_future(read_visible(reader, ids[1], owner))
+            await asyncio.sleep(0.3)
+            read.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await read
+            assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+            await conn.rollback()
+    finally:
+        await locker.dispose()
+    rows = await asyncio.gather(*(read_visible(reader, ids[1], owner) for _ in range(3)))
+    assert all(row is not None for row in rows)
+    assert before - await backend_pids(postgres_url)  # the busy connection was closed
