@@ -30,6 +30,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from math import isfinite
+from operator import attrgetter
 from typing import Any, cast
 
 from graphql import (
@@ -231,6 +232,8 @@ def _getter(field_def: GraphQLField) -> Getter | None:
             return None  # exception handlers (or a Strawberry release that resolves otherwise)
         read = definition.default_resolver
         name = definition.python_name
+        if read is getattr:
+            return attrgetter(name)
         return lambda source: read(source, name)
     resolver = definition.base_resolver
     if (
