@@ -64,6 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from mora_graphql.app import create_app
+    from mora_graphql.httpserver import HTTP_OPTIONS
     from mora_graphql.wsserver import WEBSOCKET_OPTIONS
 
     settings = _settings_or_exit()
@@ -80,6 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         "ws_max_size": settings.max_ws_message_bytes,
         "timeout_graceful_shutdown": int(settings.worker_shutdown_timeout),
         "interface": "asgi3",  # the app is a plain function returning a coroutine
+        **HTTP_OPTIONS,
         **WEBSOCKET_OPTIONS,
     }
     if workers > 1:

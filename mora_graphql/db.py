@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+import weakref
+from collections import namedtuple
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
+import asyncpg
 import orjson
 import structlog
-from sqlalchemy import JSON, DateTime, MetaData, event
+from sqlalchemy import JSON, DateTime, MetaData, Select, event
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import (
@@ -27,8 +31,9 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import DeclarativeBase
-from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 from sqlalchemy.types import TypeDecorator
+from sqlalchemy.util import greenlet_spawn
 
 from mora_graphql.config import Settings
 from mora_graphql.errors import DatabaseUnavailable
@@ -286,28 +291,216 @@ _UNKNOWN_OUTCOME = (
 )
 
 
-def _unavailable(exc: DBAPIError, message: str | None = None) -> DatabaseUnavailable:
-    log.warning(
-        "database unavailable", error=type(exc.orig).__name__, outcome_unknown=bool(message)
-    )
+def _error_name(exc: Exception) -> str:
+    return type(exc.orig if isinstance(exc, DBAPIError) else exc).__name__
+
+
+def _unavailable(exc: Exception, message: str | None = None) -> DatabaseUnavailable:
+    log.warning("database unavailable", error=_error_name(exc), outcome_unknown=bool(message))
     return DatabaseUnavailable(message)
+
+
+async def _read_twice(attempt: Callable[[], Awaitable[T]], lost: Callable[[Exception], bool]) -> T:
+    """`attempt` once more when it failed on a connection that was `lost`;
+    DatabaseUnavailable when that fails too."""
+    for last in (False, True):
+        try:
+            return await attempt()
+        except Exception as exc:
+            if not lost(exc):
+                raise
+            if last:
+                raise _unavailable(exc) from exc
+            log.info("read runs again on a fresh connection", error=_error_name(exc))
+    raise AssertionError("unreachable")
+
+
+def _is_lost(exc: Exception) -> bool:
+    return isinstance(exc, DBAPIError) and is_disconnect(exc)
 
 
 async def run_read(db: Database, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
     """`work` (reads only) on a session of its own. The pool does not test connections on
     checkout, so a pooled connection whose backend is gone fails its first statement: then
     `work` runs once more, on a fresh connection. DatabaseUnavailable when that fails too."""
-    for last in (False, True):
+
+    async def attempt() -> T:
+        async with db() as session:
+            return await work(session)
+
+    return await _read_twice(attempt, _is_lost)
+
+
+class Reader(Protocol):
+    """Runs one SELECT (built with SQLAlchemy Core) and returns plain rows: attribute access
+    by column key, values of the columns' Python types."""
+
+    async def all(self, statement: Select[Any], params: Mapping[str, Any]) -> Sequence[Any]: ...
+
+    async def first(self, statement: Select[Any], params: Mapping[str, Any]) -> Any | None: ...
+
+
+class SessionReader:
+    """A `Reader` on a session the caller holds (inside its transaction)."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def all(self, statement: Select[Any], params: Mapping[str, Any]) -> Sequence[Any]:
+        conn = await self.session.connection()
+        rows: Sequence[Any] = (await conn.execute(statement, params)).all()
+        return rows
+
+    async def first(self, statement: Select[Any], params: Mapping[str, Any]) -> Any | None:
+        rows = await self.all(statement, params)
+        return rows[0] if rows else None
+
+
+class PooledReader:
+    """A `Reader` running each statement on a pooled connection of its own, without a
+    transaction, once more on a fresh connection when the first was dead (as `run_read`).
+
+    On asyncpg (`driver=True`) the statement is compiled once and run on the driver's
+    connection, checked out of the engine's pool (so its checkout checks and recycling apply):
+    SQLAlchemy's session, connection and result objects cost about twice the statement
+    itself. Values go through the same type processors as SQLAlchemy's results. Without
+    `driver` (SQLite, or tracing on, whose statement spans come from SQLAlchemy's engine
+    events) statements run on an autocommit `AsyncConnection`.
+
+    At most as many reads run at once as the pool keeps connections (`DATABASE_POOL_SIZE`);
+    the others wait for one of them. A burst of reads beyond that would open overflow
+    connections only to close them again when the burst is over, at the price of a connection
+    setup each (a third of the process's CPU under a steady load of concurrent reads)."""
+
+    def __init__(self, engine: AsyncEngine, *, driver: bool = True) -> None:
+        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._dialect = engine.dialect
+        self._pool = engine.sync_engine.pool
+        self._driver = driver and engine.dialect.driver == "asyncpg"
+        self._compiled: weakref.WeakKeyDictionary[Select[Any], _DriverStatement] = (
+            weakref.WeakKeyDictionary()
+        )
+        size = self._pool.size() if isinstance(self._pool, QueuePool) else 0
+        self._slots = asyncio.Semaphore(size) if size > 0 else None
+
+    async def first(self, statement: Select[Any], params: Mapping[str, Any]) -> Any | None:
+        rows = await self.all(statement, params)
+        return rows[0] if rows else None
+
+    async def all(self, statement: Select[Any], params: Mapping[str, Any]) -> Sequence[Any]:
+        if not self._driver:
+            # shielded: SQLAlchemy's connection cancelled mid-statement would be left for the
+            # garbage collector instead of returning to the pool
+            return await asyncio.shield(asyncio.ensure_future(self._gated(statement, params)))
+        return await self._gated(statement, params)
+
+    async def _gated(self, statement: Select[Any], params: Mapping[str, Any]) -> Sequence[Any]:
+        if self._slots is None:
+            return await self._read(statement, params)
+        async with self._slots:
+            return await self._read(statement, params)
+
+    async def _read(self, statement: Select[Any], params: Mapping[str, Any]) -> Sequence[Any]:
+        if not self._driver:
+            return await _read_twice(lambda: self._core(statement, params), _is_lost)
+        compiled = self._compiled.get(statement)
+        if compiled is None:
+            compiled = self._compiled[statement] = _DriverStatement(statement, self._dialect)
+        args = compiled.arguments(params)
+        return await _read_twice(lambda: self._on_driver(compiled, args), _driver_lost)
+
+    async def _core(self, statement: Select[Any], params: Mapping[str, Any]) -> Sequence[Any]:
+        async with self._engine.connect() as conn:
+            rows: Sequence[Any] = (await conn.execute(statement, params)).all()
+        return rows
+
+    async def _on_driver(self, compiled: _DriverStatement, args: list[Any]) -> list[Any]:
+        fairy = await greenlet_spawn(self._pool.connect)
         try:
-            async with db() as session:
-                return await work(session)
-        except DBAPIError as exc:
-            if not is_disconnect(exc):
-                raise
-            if last:
-                raise _unavailable(exc) from exc
-            log.info("read runs again on a fresh connection", error=type(exc.orig).__name__)
-    raise AssertionError("unreachable")
+            driver = fairy.driver_connection
+            assert driver is not None
+            if compiled.processors is None:
+                await compiled.describe(driver)
+            records = await driver.fetch(compiled.sql, *args)
+        except Exception as exc:
+            if _driver_lost(exc):
+                # as SQLAlchemy does on a disconnect: the connections opened before this one
+                # are replaced at their next checkout, this one now
+                await greenlet_spawn(self._pool._invalidate, fairy, exc)
+            raise
+        except BaseException:
+            # cancelled (a sibling field failed): the statement may still be running on it
+            await greenlet_spawn(fairy.invalidate)
+            raise
+        finally:
+            await greenlet_spawn(fairy.close)
+        return compiled.rows(records)
+
+
+class _DriverStatement:
+    """A SELECT compiled for asyncpg: its SQL, how to bind its parameters and how to turn the
+    driver's records into rows, with SQLAlchemy's bind and result processors."""
+
+    def __init__(self, statement: Select[Any], dialect: Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        if compiled.positiontup is None or compiled.literal_execute_params:
+            raise ValueError("not a statement with positional parameters only")
+        self.sql = compiled.string
+        self.names = tuple(compiled.positiontup)
+        self.binds = tuple(
+            compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
+            for name in self.names
+        )
+        self.columns = list(statement.selected_columns)
+        self.row = namedtuple("Row", [column.key for column in self.columns])  # type: ignore[misc]
+        self.dialect = dialect
+        self.processors: list[tuple[int, Callable[[Any], Any]]] | None = None
+
+    def arguments(self, params: Mapping[str, Any]) -> list[Any]:
+        return [
+            params[name] if bind is None else bind(params[name])
+            for name, bind in zip(self.names, self.binds, strict=True)
+        ]
+
+    async def describe(self, driver: Any) -> None:
+        """The result processors, which depend on the types the server reports."""
+        prepared = await driver.prepare(self.sql)
+        processors: list[tuple[int, Callable[[Any], Any]]] = []
+        for index, (column, attribute) in enumerate(
+            zip(self.columns, prepared.get_attributes(), strict=True)
+        ):
+            impl = column.type.dialect_impl(self.dialect)
+            process = impl.result_processor(self.dialect, attribute.type.oid)
+            if process is not None:
+                processors.append((index, process))
+        self.processors = processors
+
+    def rows(self, records: Sequence[Any]) -> list[Any]:
+        row = self.row
+        processors = self.processors or ()
+        if not processors:
+            return [row(*record) for record in records]
+        rows = []
+        for record in records:
+            values = list(record)
+            for index, process in processors:
+                values[index] = process(values[index])
+            rows.append(row(*values))
+        return rows
+
+
+def _driver_lost(exc: Exception) -> bool:
+    """A connection-level failure seen through the pool or the driver itself."""
+    if isinstance(exc, DBAPIError):
+        return is_disconnect(exc)
+    if isinstance(exc, OSError | TimeoutError):
+        return True
+    if isinstance(exc, asyncpg.PostgresConnectionError):
+        return True
+    if isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc):
+        return True
+    state = getattr(exc, "sqlstate", None)
+    return isinstance(state, str) and state.startswith(TRANSIENT_SQLSTATE_CLASSES)
 
 
 async def run_transaction(db: Database, work: Callable[[AsyncSession], Awaitable[T]]) -> T:

@@ -17,10 +17,12 @@ from redis.exceptions import RedisError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from mora_graphql import tracing
 from mora_graphql.cache import Cache, MemoryCache, RedisCache
 from mora_graphql.config import Settings
 from mora_graphql.db import (
     Database,
+    PooledReader,
     create_engine,
     create_read_sessionmaker,
     create_sessionmaker,
@@ -49,6 +51,7 @@ class Runtime:
     engine: AsyncEngine
     db: Database
     reads: Database
+    reader: PooledReader
     http: httpx.AsyncClient
     redis: Redis | None
     bus: EventBus
@@ -161,6 +164,8 @@ async def build_runtime(settings: Settings, *, role: Role = "api") -> Runtime:
         engine=engine,
         db=db,
         reads=create_read_sessionmaker(engine),
+        # SQL spans come from SQLAlchemy's engine events, which the driver path skips.
+        reader=PooledReader(engine, driver=not tracing.enabled()),
         http=http,
         redis=redis,
         bus=bus,

@@ -81,6 +81,12 @@ class SecurityHeadersMiddleware:
             self.headers.append(
                 (b"strict-transport-security", b"max-age=31536000; includeSubDomains")
             )
+        self._api_headers = [*self.headers, (b"content-security-policy", API_CSP.encode())]
+        self._ide_headers = (
+            [*self.headers, (b"content-security-policy", ide_policy.encode())]
+            if ide_policy
+            else self._api_headers
+        )
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         if scope["type"] != "http":
@@ -91,10 +97,15 @@ class SecurityHeadersMiddleware:
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers") or [])
-                present = {name.lower() for name, _ in headers}
-                html = Headers(raw=headers).get("content-type", "").startswith("text/html")
-                policy = self.ide_policy if html and self.ide_policy else API_CSP
-                extra = [*self.headers, (b"content-security-policy", policy.encode())]
+                present = set()
+                content_type = None
+                for name, value in headers:
+                    name = name.lower()
+                    present.add(name)
+                    if name == b"content-type" and content_type is None:
+                        content_type = value
+                html = content_type is not None and content_type.startswith(b"text/html")
+                extra = self._ide_headers if html else self._api_headers
                 headers += [(name, value) for name, value in extra if name not in present]
                 message["headers"] = headers
             await send(message)

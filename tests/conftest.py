@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from mora_graphql.app import create_app
 from mora_graphql.cache import Cache, MemoryCache, RedisCache
 from mora_graphql.config import Settings
+from mora_graphql.httpserver import HTTP_OPTIONS
 from mora_graphql.migrate import upgrade_database
 from mora_graphql.runtime import Runtime
 from mora_graphql.wsserver import WEBSOCKET_OPTIONS
@@ -194,7 +195,13 @@ class LiveServer:
 async def start_server(settings: Settings) -> AsyncIterator[LiveServer]:
     app = create_app(settings)
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", **WEBSOCKET_OPTIONS
+        app,
+        host="127.0.0.1",
+        port=0,
+        log_level="warning",
+        lifespan="on",
+        **HTTP_OPTIONS,
+        **WEBSOCKET_OPTIONS,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

@@ -14,7 +14,7 @@ from strawberry.types import Info as StrawberryInfo
 
 from mora_graphql.auth.tokens import Principal, bearer_token, decode_access_token
 from mora_graphql.config import Settings
-from mora_graphql.db import Database
+from mora_graphql.db import Database, Reader
 from mora_graphql.errors import Unauthenticated
 from mora_graphql.graphql.persisted import PersistedQueries
 from mora_graphql.graphql.response_cache import Recorder, ResponseCache
@@ -30,6 +30,8 @@ class GraphQLDeps:
     db: Database
     reads: Database
     """Autocommit sessions for resolvers that read with one statement."""
+    reader: Reader
+    """Single-statement reads returning plain rows (`session`, `sessions`)."""
     limiter: RateLimiter
     sessions: SessionDeps
     responses: ResponseCache | None = None

@@ -1,26 +1,27 @@
 """Document limits: depth, aliases, directives, tokens, length, introspection.
 
-`QueryLimits` is built once per schema: its validation-rule tuple is the same object on every
-request, so strawberry's `ValidationCache` (keyed on schema, document and rules) hits for a
-repeated document. Fragments are measured once each, so a document that spreads fragments
-into each other many times costs linear, not exponential, work (strawberry's own
-`QueryDepthLimiter` and `MaxAliasesLimiter` re-walk every spread).
+`QueryLimits` is built once per schema, and `Documents` parses and validates each query text
+once with its parse options and rules. Fragments are measured once each, so a document that
+spreads fragments into each other many times costs linear, not exponential, work
+(strawberry's own `QueryDepthLimiter` and `MaxAliasesLimiter` re-walk every spread).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any, cast
+from typing import Any
 
 from graphql import (
     ASTValidationRule,
+    DocumentNode,
     FieldNode,
     FragmentDefinitionNode,
     FragmentSpreadNode,
     GraphQLError,
+    GraphQLSchema,
     GraphQLSyntaxError,
     InlineFragmentNode,
     OperationDefinitionNode,
@@ -31,7 +32,7 @@ from graphql import (
     specified_rules,
 )
 from graphql.language import SKIP, VisitorAction
-from strawberry.extensions import SchemaExtension
+from strawberry.schema.schema import validate_document
 
 from mora_graphql.config import Settings
 
@@ -223,39 +224,48 @@ class QueryLimits:
             },
         )
 
-    def extension(self) -> Callable[[], SchemaExtension]:
-        return lambda: ApplyQueryLimits(self)
 
+class Documents:
+    """Documents parsed and validated once per query text (LRU of `CACHE_SIZE` texts), with
+    the limits' parse options and rules.
 
-class ApplyQueryLimits(SchemaExtension):
-    """Per request: point the execution context at the process-wide rules and parse limits."""
+    Validation is kept with the parsed document it belongs to: strawberry's `ValidationCache`
+    finds it by a hash of the whole document tree, recomputed on every request. A text that
+    does not parse is not kept: strawberry's own parse step then reports the error through the
+    normal error path (masking, codes, the WebSocket protocols)."""
 
-    def __init__(self, limits: QueryLimits) -> None:
+    def __init__(self, limits: QueryLimits, size: int = CACHE_SIZE) -> None:
         self.limits = limits
+        self.size = size
+        self._entries: OrderedDict[str, _Document] = OrderedDict()
+        self.validations = 0
+        """Documents validated so far (tests)."""
 
-    def on_operation(self) -> Iterator[None]:
-        context = self.execution_context
-        context.validation_rules = self.limits.rules
-        cast("dict[str, int]", context.parse_options).update(self.limits.parse_options)
-        yield
+    def parse(self, query: str) -> _Document | None:
+        entries = self._entries
+        entry = entries.get(query)
+        if entry is not None:
+            entries.move_to_end(query)
+            return entry
+        try:
+            document = parse(query, **self.limits.parse_options)  # type: ignore[arg-type]
+        except GraphQLError:
+            return None
+        entry = entries[query] = _Document(document)
+        if len(entries) > self.size:
+            entries.popitem(last=False)
+        return entry
+
+    def errors(self, schema: GraphQLSchema, entry: _Document) -> list[GraphQLError]:
+        if entry.errors is None or entry.schema is not schema:
+            self.validations += 1
+            entry.errors = validate_document(schema, entry.document, self.limits.rules)
+            entry.schema = schema
+        return entry.errors
 
 
-cached_parse = lru_cache(maxsize=CACHE_SIZE)(parse)
-
-
-class CachedParser(SchemaExtension):
-    """Parses through a process-wide LRU cache.
-
-    Unlike strawberry's `ParserCache`, a document that fails to parse is left to strawberry's
-    own parse step, whose error goes through the normal error path (masking, codes, the
-    WebSocket protocols) instead of escaping the operation.
-    """
-
-    def on_parse(self) -> Iterator[None]:
-        context = self.execution_context
-        if isinstance(context.query, str):
-            try:
-                context.graphql_document = cached_parse(context.query, **context.parse_options)
-            except GraphQLError:
-                context.graphql_document = None
-        yield
+@dataclass(slots=True)
+class _Document:
+    document: DocumentNode
+    errors: list[GraphQLError] | None = None
+    schema: GraphQLSchema | None = None

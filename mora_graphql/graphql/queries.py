@@ -1,15 +1,21 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
 import strawberry
+from graphql import (
+    FieldNode,
+    FragmentDefinitionNode,
+    FragmentSpreadNode,
+    InlineFragmentNode,
+    SelectionSetNode,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
-from strawberry.types.nodes import FragmentSpread, InlineFragment, SelectedField, Selection
 
 from mora_graphql.auth.service import AuthService
-from mora_graphql.db import run_read
+from mora_graphql.db import Reader, run_read
 from mora_graphql.errors import BadUserInput
 from mora_graphql.graphql.context import Info
 from mora_graphql.graphql.response_cache import list_tag, session_tag, user_tag
@@ -38,37 +44,56 @@ async def _read(info: Info, read: Callable[[AsyncSession], Awaitable[T]]) -> T:
     return await asyncio.shield(asyncio.ensure_future(run_read(info.context.deps.reads, read)))
 
 
-def _field_names(selections: list[Selection], path: tuple[str, ...]) -> set[str] | None:
-    """Names selected at `path` below these selections (fragments included); None when
-    something cannot be analysed, meaning "assume everything"."""
+async def _select(info: Info, read: Callable[[Reader], Awaitable[T]]) -> T:
+    """A read through the context's `Reader` (which keeps its pool sound when cancelled)."""
+    return await read(info.context.deps.reader)
+
+
+def _field_names(
+    selection_set: SelectionSetNode | None,
+    path: tuple[str, ...],
+    fragments: Mapping[str, FragmentDefinitionNode],
+) -> set[str] | None:
+    """Names selected at `path` below this selection set (fragments included, `@skip` and
+    `@include` not applied); None when something cannot be analysed, meaning "assume
+    everything"."""
     found: set[str] = set()
-    for selection in selections:
-        if isinstance(selection, SelectedField):
+    if selection_set is None:
+        return found
+    for selection in selection_set.selections:
+        if isinstance(selection, FieldNode):
             if not path:
-                found.add(selection.name)
-            elif selection.name == path[0]:
-                inner = _field_names(selection.selections, path[1:])
-                if inner is None:
-                    return None
-                found |= inner
-        elif isinstance(selection, FragmentSpread | InlineFragment):
-            inner = _field_names(selection.selections, path)
-            if inner is None:
+                found.add(selection.name.value)
+                continue
+            if selection.name.value != path[0]:
+                continue
+            inner = _field_names(selection.selection_set, path[1:], fragments)
+        elif isinstance(selection, InlineFragmentNode):
+            inner = _field_names(selection.selection_set, path, fragments)
+        elif isinstance(selection, FragmentSpreadNode):
+            fragment = fragments.get(selection.name.value)
+            if fragment is None:
                 return None
-            found |= inner
+            inner = _field_names(fragment.selection_set, path, fragments)
         else:
             return None
+        if inner is None:
+            return None
+        found |= inner
     return found
 
 
 def _unselected_heavy_columns(info: Info) -> list[str]:
-    """Large columns of `sessions { edges { node } nodes }` the query does not ask for."""
-    top = info.selected_fields[0].selections
-    by_edges = _field_names(top, ("edges", "node"))
-    by_nodes = _field_names(top, ("nodes",))
-    if by_edges is None or by_nodes is None:
-        return []
-    wanted = by_edges | by_nodes
+    """Large columns of `sessions { edges { node } nodes }` the query does not ask for (read
+    from the document: strawberry's `selected_fields` converts every node and argument)."""
+    raw = info._raw_info
+    wanted: set[str] = set()
+    for node in raw.field_nodes:  # `sessions` may be selected more than once
+        for path in (("edges", "node"), ("nodes",)):
+            names = _field_names(node.selection_set, path, raw.fragments)
+            if names is None:
+                return []
+            wanted |= names
     return [column for field, column in HEAVY_FIELDS.items() if field not in wanted]
 
 
@@ -84,7 +109,7 @@ class Query:
                 recorder.forbid()
             else:
                 await recorder.depend(session_tag(ident))
-        row = await _read(info, lambda db: service.find(db, id))
+        row = await _select(info, lambda reader: service.find(reader, id))
         if recorder is not None:
             recorder.saw(row.status if row else None)
         return Session.of(row) if row else None
@@ -114,10 +139,10 @@ class Query:
             else:
                 recorder.forbid()
         skip = _unselected_heavy_columns(info)
-        rows, has_next = await _read(
+        rows, has_next = await _select(
             info,
-            lambda db: service.page(
-                db, first=first, after=cursor, status=status, skip_columns=skip
+            lambda reader: service.page(
+                reader, first=first, after=cursor, status=status, skip_columns=skip
             ),
         )
         if recorder is not None:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Iterable
-from typing import Any
+from collections.abc import AsyncGenerator, Iterable, Iterator
+from typing import Any, cast
 
 import strawberry
 import structlog
 from graphql import GraphQLError, GraphQLSyntaxError
 from strawberry.exceptions import MissingQueryError
-from strawberry.extensions import MaskErrors, ValidationCache
+from strawberry.extensions import MaskErrors
 from strawberry.schema.config import StrawberryConfig
 from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOperationTypeError
 from strawberry.schema.schema import DEFAULT_ALLOWED_OPERATION_TYPES, StreamResult
@@ -21,10 +21,10 @@ from mora_graphql.config import Settings
 from mora_graphql.errors import BadRequest, MoraError
 from mora_graphql.graphql.context import Context
 from mora_graphql.graphql.events import EVENT_TYPES
+from mora_graphql.graphql.execution import PlainDataExecutor
 from mora_graphql.graphql.inputs import SUBSCRIPTION_TRANSPORTS, unusable_text
 from mora_graphql.graphql.limits import (
-    CACHE_SIZE,
-    CachedParser,
+    Documents,
     QueryLimits,
     parse_error_code,
     strip_suggestions,
@@ -85,6 +85,40 @@ class MaskUnexpectedErrors(MaskErrors):
         return masked
 
 
+class MoraExtension(MaskUnexpectedErrors):
+    """What every operation needs, in one extension (strawberry wraps the hooks of each
+    extension on every request): the query limits, documents parsed and validated once per
+    text (`Documents`), and the error masking of `MaskUnexpectedErrors`."""
+
+    def __init__(self, documents: Documents, *, suggestions: bool = True) -> None:
+        super().__init__(suggestions=suggestions)
+        self.documents = documents
+        self._document: Any = None
+
+    def on_operation(self) -> Iterator[None]:
+        context = self.execution_context
+        limits = self.documents.limits
+        context.validation_rules = limits.rules
+        cast("dict[str, int]", context.parse_options).update(limits.parse_options)
+        yield from super().on_operation()
+
+    def on_parse(self) -> Iterator[None]:
+        context = self.execution_context
+        if isinstance(context.query, str):
+            self._document = self.documents.parse(context.query)
+            if self._document is not None:
+                context.graphql_document = self._document.document
+        yield
+
+    def on_validate(self) -> Iterator[None]:
+        context = self.execution_context
+        if self._document is not None and context.graphql_document is self._document.document:
+            context.pre_execution_errors = self.documents.errors(
+                context.schema._schema, self._document
+            )
+        yield
+
+
 def _refusal(context: object, error: MoraError) -> list[GraphQLError]:
     """A request error: HTTP 400 with a GraphQL body (the context's sub-response carries
     the status), an `error` message on a WebSocket."""
@@ -98,6 +132,9 @@ async def _refused_stream(errors: list[GraphQLError]) -> AsyncGenerator[Any, Non
 
 
 class MoraSchema(strawberry.Schema):
+    documents: Documents | None = None
+    """The parse and validation cache of its `MoraExtension`."""
+
     async def execute(
         self,
         query: str | None,
@@ -162,19 +199,19 @@ class MoraSchema(strawberry.Schema):
 
 
 def build_schema(settings: Settings) -> strawberry.Schema:
-    limits = QueryLimits.from_settings(settings)
+    documents = Documents(QueryLimits.from_settings(settings))
     suggestions = settings.field_suggestions_enabled
-    return MoraSchema(
+    schema = MoraSchema(
         query=Query,
         mutation=Mutation,
         subscription=Subscription,
         types=list(EVENT_TYPES),
         extensions=[
             *graphql_extensions(),
-            limits.extension(),
-            CachedParser,
-            lambda: ValidationCache(maxsize=CACHE_SIZE),
-            lambda: MaskUnexpectedErrors(suggestions=suggestions),
+            lambda: MoraExtension(documents, suggestions=suggestions),
         ],
         config=StrawberryConfig(disable_field_suggestions=not suggestions),
+        execution_context_class=PlainDataExecutor,
     )
+    schema.documents = documents
+    return schema

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import strawberry
 
 from mora_graphql.errors import ErrorCode
+from mora_graphql.graphql.execution import PLAIN_RESOLVER
 from mora_graphql.logging import redact
 from mora_graphql.models import PipelineStage, Platform, Role, SessionStatus, VideoSession
 from mora_graphql.sessions.repository import SessionRow
@@ -163,7 +164,7 @@ class Session:
             completed_at=row.completed_at,
         )
 
-    @strawberry.field
+    @strawberry.field(metadata=PLAIN_RESOLVER)
     def video_info(self) -> VideoInfo | None:
         info = self.row.video_info
         if not info:
@@ -175,7 +176,7 @@ class Session:
             author=info.get("author"),
         )
 
-    @strawberry.field
+    @strawberry.field(metadata=PLAIN_RESOLVER)
     def subtitles(self) -> list[SubtitleLine] | None:
         if self.row.subtitles is None:
             return None
@@ -184,15 +185,15 @@ class Session:
             for s in self.row.subtitles
         ]
 
-    @strawberry.field
+    @strawberry.field(metadata=PLAIN_RESOLVER)
     def generated_code(self) -> str | None:
         return self.row.generated_code
 
-    @strawberry.field
+    @strawberry.field(metadata=PLAIN_RESOLVER)
     def timeline(self) -> Timeline | None:
         return Timeline.from_json(self.row.timeline) if self.row.timeline else None
 
-    @strawberry.field
+    @strawberry.field(metadata=PLAIN_RESOLVER)
     def error(self) -> SessionError | None:
         if not self.row.error_code:
             return None
@@ -201,7 +202,7 @@ class Session:
             code=code, numeric_code=code.numeric, message=redact(self.row.error_message or "")
         )
 
-    @strawberry.field
+    @strawberry.field(metadata=PLAIN_RESOLVER)
     def code_check(self) -> CodeCheck | None:
         check = self.row.code_check
         if not check:
@@ -213,7 +214,7 @@ class Session:
             line=check.get("line"),
         )
 
-    @strawberry.field
+    @strawberry.field(metadata=PLAIN_RESOLVER)
     def usage(self) -> SessionUsage | None:
         usage = self.row.usage
         if not usage:
@@ -243,7 +244,7 @@ class SessionConnection:
     edges: list[SessionEdge]
     page_info: PageInfo
 
-    @strawberry.field
+    @strawberry.field(metadata=PLAIN_RESOLVER)
     def nodes(self) -> list[Session]:
         return [edge.node for edge in self.edges]
 

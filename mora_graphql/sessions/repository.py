@@ -6,10 +6,9 @@ import datetime as dt
 import uuid
 from collections.abc import Collection, Sequence
 from functools import lru_cache
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from sqlalchemy import (
-    Row,
     Select,
     Table,
     and_,
@@ -23,7 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from mora_graphql.db import utcnow
+from mora_graphql.db import Reader, utcnow
 from mora_graphql.models import ACTIVE_STATUSES, SessionStatus, VideoSession
 
 RUN_RESET: dict[str, Any] = {
@@ -42,8 +41,13 @@ RUN_RESET: dict[str, Any] = {
 a retried session starts counting again)."""
 
 SESSIONS = cast("Table", VideoSession.__table__)
-SessionRow = Row[Any]
-"""A session as a plain row (attribute names as on `VideoSession`): what read paths return."""
+
+
+class SessionRow(Protocol):
+    """A session as a plain row (attribute names as on `VideoSession`): what read paths return."""
+
+    def __getattr__(self, name: str) -> Any: ...
+
 
 _UPDATE_RUN = (
     update(SESSIONS)
@@ -80,6 +84,43 @@ def _page_statement(
     return stmt.order_by(columns.created_at.desc(), columns.id.desc()).limit(bindparam("limit"))
 
 
+async def read_visible(
+    reader: Reader, session_id: uuid.UUID, owner_id: uuid.UUID | None
+) -> SessionRow | None:
+    """`SessionRepository.get_visible` for reads: one statement, a plain row (no identity map,
+    no change tracking)."""
+    if owner_id is None:
+        row: SessionRow | None = await reader.first(_READ_ANY, {"id": session_id})
+    else:
+        row = await reader.first(_READ_OWNED, {"id": session_id, "owner": owner_id})
+    return row
+
+
+async def read_page(
+    reader: Reader,
+    owner_id: uuid.UUID | None,
+    *,
+    limit: int,
+    after: tuple[dt.datetime, uuid.UUID] | None,
+    status: SessionStatus | None,
+    skip_columns: Collection[str] = (),
+) -> Sequence[SessionRow]:
+    """Newest first, keyset-paginated on (created_at, id), as plain rows; `skip_columns`
+    are not selected."""
+    stmt = _page_statement(
+        frozenset(skip_columns), owner_id is not None, status is not None, after is not None
+    )
+    params: dict[str, Any] = {"limit": limit}
+    if owner_id is not None:
+        params["owner"] = owner_id
+    if status is not None:
+        params["status"] = status
+    if after is not None:
+        params["created"], params["last_id"] = after
+    rows: Sequence[SessionRow] = await reader.all(stmt, params)
+    return rows
+
+
 class SessionRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
@@ -105,43 +146,6 @@ class SessionRepository:
             stmt = stmt.where(VideoSession.owner_id == owner_id)
         result = await self.session.execute(stmt.execution_options(populate_existing=True))
         return result.scalar_one_or_none()
-
-    async def read_visible(
-        self, session_id: uuid.UUID, owner_id: uuid.UUID | None
-    ) -> SessionRow | None:
-        """`get_visible` for reads: one prepared Core statement and a plain row (no identity
-        map, no change tracking)."""
-        conn = await self.session.connection()
-        if owner_id is None:
-            result = await conn.execute(_READ_ANY, {"id": session_id})
-        else:
-            result = await conn.execute(_READ_OWNED, {"id": session_id, "owner": owner_id})
-        return result.first()
-
-    async def page(
-        self,
-        owner_id: uuid.UUID | None,
-        *,
-        limit: int,
-        after: tuple[dt.datetime, uuid.UUID] | None,
-        status: SessionStatus | None,
-        skip_columns: Collection[str] = (),
-    ) -> Sequence[SessionRow]:
-        """Newest first, keyset-paginated on (created_at, id), as plain rows; `skip_columns`
-        are not selected."""
-        stmt = _page_statement(
-            frozenset(skip_columns), owner_id is not None, status is not None, after is not None
-        )
-        params: dict[str, Any] = {"limit": limit}
-        if owner_id is not None:
-            params["owner"] = owner_id
-        if status is not None:
-            params["status"] = status
-        if after is not None:
-            params["created"], params["last_id"] = after
-        conn = await self.session.connection()
-        rows: Sequence[SessionRow] = (await conn.execute(stmt, params)).all()
-        return rows
 
     async def delete(self, session_id: uuid.UUID) -> bool:
         result = await self.session.execute(

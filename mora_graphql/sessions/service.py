@@ -18,7 +18,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mora_graphql.auth.tokens import Principal
-from mora_graphql.db import Database, after_commit
+from mora_graphql.db import Database, Reader, after_commit
 from mora_graphql.errors import BadUserInput, Conflict, NotFound
 from mora_graphql.events.bus import EventBus, Published
 from mora_graphql.events.stream import Snapshot, Start, follow_session, session_start
@@ -27,7 +27,12 @@ from mora_graphql.jobs.base import JobQueue
 from mora_graphql.languages import SUPPORTED_LANGUAGES, normalize_language
 from mora_graphql.models import RETRYABLE_STATUSES, SessionStatus, VideoSession
 from mora_graphql.pipeline.recorder import cancelled_event
-from mora_graphql.sessions.repository import SessionRepository, SessionRow
+from mora_graphql.sessions.repository import (
+    SessionRepository,
+    SessionRow,
+    read_page,
+    read_visible,
+)
 from mora_graphql.subtitle_formats import parse_subtitles
 from mora_graphql.video_urls import parse_video_url
 
@@ -171,12 +176,12 @@ class SessionService:
             return None
         return await SessionRepository(session).get_visible(ident, self._owner_filter)
 
-    async def find(self, session: AsyncSession, session_id: str) -> SessionRow | None:
+    async def find(self, reader: Reader, session_id: str) -> SessionRow | None:
         """`get` for reading only: a plain row, cheaper than an ORM object."""
         ident = parse_id(session_id)
         if ident is None:
             return None
-        return await SessionRepository(session).read_visible(ident, self._owner_filter)
+        return await read_visible(reader, ident, self._owner_filter)
 
     async def require(self, session: AsyncSession, session_id: str) -> VideoSession:
         row = await self.get(session, session_id)
@@ -186,7 +191,7 @@ class SessionService:
 
     async def page(
         self,
-        session: AsyncSession,
+        reader: Reader,
         *,
         first: int,
         after: tuple[dt.datetime, uuid.UUID] | None,
@@ -197,7 +202,8 @@ class SessionService:
             raise BadUserInput(
                 f"first must be between 1 and {MAX_PAGE}.", extensions={"field": "first"}
             )
-        rows = await SessionRepository(session).page(
+        rows = await read_page(
+            reader,
             self._owner_filter,
             limit=first + 1,
             after=after,

@@ -267,3 +267,10 @@ async def test_list_loads_large_fields_only_when_selected(live: LiveServer) -> N
         "import pandas as pd",
         "load the csv file",
     ]
+    merged = await live.gql(
+        "{ sessions { edges { node { id } } } sessions { nodes { generatedCode subtitles "
+        "{ text } } } }",
+        token=token,
+    )
+    assert "errors" not in merged, merged
+    assert merged["data"]["sessions"]["nodes"][0]["subtitles"][0]["text"] == "import pandas as pd"

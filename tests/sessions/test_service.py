@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
 from mora_graphql.auth.tokens import Principal
-from mora_graphql.db import transaction
+from mora_graphql.db import SessionReader, transaction
 from mora_graphql.errors import BadUserInput, Conflict, InvalidVideoUrl, NotFound
 from mora_graphql.events.bus import MemoryEventBus
 from mora_graphql.events.stream import Snapshot
@@ -59,6 +59,10 @@ class World:
 
     def service(self, principal: Principal) -> SessionService:
         return SessionService(self.deps, principal)
+
+    @property
+    def reader(self) -> SessionReader:
+        return SessionReader(self.session)
 
 
 @pytest.fixture
@@ -162,11 +166,11 @@ async def test_other_users_sessions_behave_as_missing_ones(world: World) -> None
         with pytest.raises(NotFound):
             await attempt
     assert world.queue.cancelled == []
-    page, _ = await world.service(alice).page(world.session, first=5, after=None, status=None)
+    page, _ = await world.service(alice).page(world.reader, first=5, after=None, status=None)
     assert [found.id for found in page] == [row.id]
-    assert (await world.service(alice).find(world.session, ident)) is not None
-    assert (await world.service(bob).find(world.session, ident)) is None
-    rows, more = await world.service(bob).page(world.session, first=5, after=None, status=None)
+    assert (await world.service(alice).find(world.reader, ident)) is not None
+    assert (await world.service(bob).find(world.reader, ident)) is None
+    rows, more = await world.service(bob).page(world.reader, first=5, after=None, status=None)
     assert (list(rows), more) == ([], False)
 
 
@@ -193,8 +197,8 @@ async def test_page_bounds_and_order(world: World) -> None:
     service = world.service(alice)
     for first in (0, 101):
         with pytest.raises(BadUserInput, match="first must be between"):
-            await service.page(world.session, first=first, after=None, status=None)
-    page, more = await service.page(world.session, first=2, after=None, status=None)
+            await service.page(world.reader, first=first, after=None, status=None)
+    page, more = await service.page(world.reader, first=2, after=None, status=None)
     assert more and len(page) == 2
     assert {row.id for row in page} <= {row.id for row in rows}
 
