@@ -7,6 +7,7 @@ settings, GraphQL over HTTP and WebSocket (graphql-transport-ws).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import re
@@ -35,6 +36,13 @@ SECRET = "bench-secret-key-bench-secret-key-0123456789"  # noqa: S105
 SRT = "1\n00:00:01,000 --> 00:00:30,000\nwe write a loop {tag}\n"
 # The same document for Mora and the peer: only CodeDelta carries a payload.
 PROGRESS = "subscription($id: ID!) { sessionProgress(sessionId: $id) { __typename seq ... on CodeDelta { text } } }"
+# Mora only: `at` is when the run published the delta, which splits a token's latency into
+# source -> published (LLM stream, run, flush window) and published -> received (bus, API, socket).
+PROGRESS_AT = (
+    "subscription($id: ID!) { sessionProgress(sessionId: $id) "
+    "{ __typename seq ... on CodeDelta { text at } } }"
+)
+AT = re.compile(r'"at":\s*"([^"]+)"')
 STAMP = re.compile(r"t_(\d+) = (\d+)")
 TYPE = re.compile(r'"type":\s*"(\w+)"')
 OP_ID = re.compile(r'"id":\s*"([^"]*)"')
@@ -292,6 +300,9 @@ class Tally:
 
     def __init__(self) -> None:
         self.latencies: array[int] = array("q")
+        self.stamps: array[int] = array("q")
+        self.published: array[int] = array("q")
+        self.transit: array[int] = array("q")
         self.delivered = 0
         self.duplicates = 0
         self.frames = 0
@@ -308,7 +319,15 @@ class Subscriber:
     receive time minus <ns>. Stamps are counted once per subscription (duplicates apart).
     """
 
-    def __init__(self, url: str, token: str, session_ids: list[str], tally: Tally) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        session_ids: list[str],
+        tally: Tally,
+        document: str = PROGRESS,
+    ) -> None:
+        self.document = document
         self.url = url
         self.token = token
         self.session_ids = session_ids
@@ -332,7 +351,7 @@ class Subscriber:
         while json.loads(await self.ws.recv())["type"] != "connection_ack":
             pass
         for op, session_id in enumerate(self.session_ids):
-            payload = {"query": PROGRESS, "variables": {"id": session_id}}
+            payload = {"query": self.document, "variables": {"id": session_id}}
             await self.ws.send(json.dumps({"id": str(op), "type": "subscribe", "payload": payload}))
         waiting = set(self.seen)
         while waiting:
@@ -359,6 +378,13 @@ class Subscriber:
                     tally.errors.append(raw[:300])
                     self.open.discard(op)
                 elif '"CodeDelta"' in raw:
+                    at = AT.search(raw)
+                    first = STAMP.search(raw)
+                    if at and first:
+                        wall = dt.datetime.fromisoformat(at[1].replace("Z", "+00:00"))
+                        published = int(wall.timestamp() * 1e9) - (time.time_ns() - now)
+                        tally.published.append(published - int(first[2]))
+                        tally.transit.append(now - published)
                     seen = self.seen[op]
                     for match in STAMP.finditer(raw):
                         n = int(match[1])
@@ -369,6 +395,7 @@ class Subscriber:
                             seen[n] = 1
                         tally.delivered += 1
                         tally.latencies.append(now - int(match[2]))
+                        tally.stamps.append(int(match[2]))
                         tally.last_ns = max(tally.last_ns, now)
                 elif any(name in raw for name in TERMINAL):
                     tally.completed += 1

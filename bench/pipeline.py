@@ -1,7 +1,7 @@
 """Token path under load: N concurrent sessions, one subscriber each, embedded and distributed.
 
     python bench/pipeline.py [--modes embedded,distributed] [--sessions N] [--rate 50]
-                             [--seconds 10] [--logins N] [--database-url URL] [--redis-url URL]
+                             [--seconds 10] [--logins N] [--phases] [--database-url URL] [--redis-url URL]
 
 bench/stamped_llm.py (a local OpenAI-compatible server, its own process) streams every
 session's code at `--rate` tokens/s (default 50), each token a line `t_<n> = <ns>` stamped with
@@ -18,7 +18,10 @@ session's subscriber got its SessionSnapshot. One WebSocket subscriber per sessi
 One line per mode: token-to-subscriber latency p50/p99 (receive time - stamp, every token of
 every session), tokens delivered as CodeDelta vs tokens sent, and CPU (from /proc/<pid>/stat,
 100 % = one core) of the worker and the API process over the window from the first token to
-the last subscription's end, with CPU time per token sent.
+the last subscription's end, with CPU time per token sent. A second line says where the time
+goes, from each delta's `at` (when the run published it): source -> published (the LLM stream,
+the run, the flush window) and published -> received (bus, API process, socket, client).
+`--phases` adds the latency of each second of the stream.
 
 `--logins N` keeps N failed logins in flight (each a full password verification) while the
 tokens stream, e.g. `--modes embedded --sessions 1 --logins 20`: a token's latency then shows
@@ -34,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from array import array
 from pathlib import Path
 
 import httpx
@@ -43,6 +47,7 @@ from sqlalchemy.engine import make_url
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
+    PROGRESS_AT,
     CpuMeter,
     Processes,
     Subscriber,
@@ -133,7 +138,7 @@ async def run_mode(mode: str, sessions: int, args: argparse.Namespace) -> str:
                 tally = Tally()
                 ws_url = base.replace("http", "ws") + "/graphql"
                 subscribers = await connect_all(
-                    [Subscriber(ws_url, token, [sid], tally) for sid in ids]
+                    [Subscriber(ws_url, token, [sid], tally, PROGRESS_AT) for sid in ids]
                 )
                 streams = await wait_llm(llm, "waiting", sessions, 300, plateau=30)
                 cpu = CpuMeter(**{name: child.pid for name, child in children.items()})
@@ -178,7 +183,31 @@ async def run_mode(mode: str, sessions: int, args: argparse.Namespace) -> str:
         text_ += f", {pending} subscriptions unfinished"
     if tally.errors:
         text_ += f", {len(tally.errors)} errors (first: {tally.errors[0][:120]})"
+    if tally.published:
+        text_ += (
+            f"\n  where: source -> published p50 {pct(tally.published, 0.5):.1f} ms, p99 "
+            f"{pct(tally.published, 0.99):.1f} ms; published -> received p50 "
+            f"{pct(tally.transit, 0.5):.1f} ms, p99 {pct(tally.transit, 0.99):.1f} ms "
+            f"({len(tally.published):,} deltas)"
+        )
+    if args.phases:
+        text_ += "".join(f"\n  {line}" for line in phases(tally))
     return f"{text_} | {load()}"
+
+
+def phases(tally: Tally) -> list[str]:
+    """Latency per second of the stream (by source stamp): where in the run the tail is."""
+    if not tally.stamps:
+        return []
+    start = min(tally.stamps)
+    seconds: dict[int, array[int]] = {}
+    for stamp, latency in zip(tally.stamps, tally.latencies, strict=True):
+        seconds.setdefault((stamp - start) // 1_000_000_000, array("q")).append(latency)
+    return [
+        f"second {n}: {len(values):,} tokens, p50 {pct(values, 0.5):.1f} ms, "
+        f"p99 {pct(values, 0.99):.1f} ms"
+        for n, values in sorted(seconds.items())
+    ]
 
 
 async def main() -> None:
@@ -191,6 +220,9 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=10, help="stream length per session")
     parser.add_argument(
         "--logins", type=int, default=0, help="failed logins kept in flight while streaming"
+    )
+    parser.add_argument(
+        "--phases", action="store_true", help="also print the latency of each second of the stream"
     )
     parser.add_argument(
         "--grace",
