@@ -97,6 +97,17 @@ class _Spec:
     def complete(self, value: Any) -> Any:
         raise NotImplementedError
 
+    def present(self, value: Any) -> bool:
+        """False for a null this position allows; raises _FALLBACK for what only graphql-core
+        completes (a null where none is allowed, Undefined, an error, an awaitable)."""
+        if value is None:
+            if self.nullable:
+                return False
+            raise _FALLBACK
+        if value is Undefined or isinstance(value, Exception) or _awaitable(value):
+            raise _FALLBACK
+        return True
+
 
 class _Str(_Spec):
     """String and ID: a `str` is its own output value."""
@@ -150,12 +161,8 @@ class _Coerced(_Spec):
         self.leaf = leaf
 
     def complete(self, value: Any) -> Any:
-        if value is None:
-            if self.nullable:
-                return None
-            raise _FALLBACK
-        if value is Undefined or isinstance(value, Exception) or _awaitable(value):
-            raise _FALLBACK
+        if not self.present(value):
+            return None
         coerced = self.leaf.coerce_output_value(value)
         if coerced is None or coerced is Undefined:
             raise _FALLBACK
@@ -170,12 +177,8 @@ class _Object(_Spec):
         self.fields = fields
 
     def complete(self, value: Any) -> Any:
-        if value is None:
-            if self.nullable:
-                return None
-            raise _FALLBACK
-        if value is Undefined or isinstance(value, Exception) or _awaitable(value):
-            raise _FALLBACK
+        if not self.present(value):
+            return None
         return {name: spec.complete(get(value)) for name, get, spec in self.fields}
 
 
