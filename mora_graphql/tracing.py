@@ -66,7 +66,7 @@ def setup(service_name: str, *, provider: TracerProvider | None = None) -> bool:
     global _tracer, _provider
     if _tracer is not None:
         return True
-    if provider is None and _provider is None and not requested():
+    if provider is None and not requested():
         return False
     try:
         from opentelemetry import trace

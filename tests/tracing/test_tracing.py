@@ -340,6 +340,22 @@ print("off")
     assert done.stdout.strip().endswith("off")
 
 
+def test_tracing_stays_off_after_an_earlier_setup_was_undone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An app created after a traced one in the same process is traced only if asked."""
+    for name in list(os.environ):
+        if name.startswith("OTEL_"):
+            monkeypatch.delenv(name)
+    assert tracing.setup("mora-test", provider=PROVIDER)
+    tracing.disable()
+    assert tracing.setup("mora-graphql") is False
+    assert not tracing.enabled()
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    assert tracing.setup("mora-graphql")
+    tracing.disable()
+
+
 @pytest.mark.parametrize(
     ("environ", "expected"),
     [
