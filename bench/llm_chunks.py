@@ -6,6 +6,9 @@ them reasoning, the rest content, then the finish and usage chunks and `[DONE]`)
 `LLMClient.stream_chat` and prints, one line per run, the client process's CPU time
 (`time.process_time`) divided by the number of chunks.
 
+`--transport httpx` streams through httpx's own transport instead of the client's default
+(`providers/transport.py`), for a before/after in one run.
+
 `--pace S` makes the server sleep S seconds before each delta, so that every chunk arrives in
 its own TCP segment, as tokens do from a real model; `--pace 0` sends them back to back (the
 client then often reads several chunks per socket read). `--profile FILE` writes a cProfile
@@ -25,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx2
 from pydantic import SecretStr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +83,10 @@ async def bench(url: str, args: argparse.Namespace) -> None:
         deepseek_api_url=url,
         deepseek_timeout=30.0,
     )
-    client = LLMClient(settings)
+    http_client = None
+    if args.transport == "httpx":
+        http_client = httpx2.AsyncClient(timeout=30.0)
+    client = LLMClient(settings, http_client=http_client)
     try:
         await one_run(client, args.chunks)  # warm-up: connection, imports, caches
         results: list[float] = []
@@ -92,7 +99,8 @@ async def bench(url: str, args: argparse.Namespace) -> None:
             )
         print(
             f"median {statistics.median(results):.1f} µs CPU/chunk "
-            f"(min {min(results):.1f}, max {max(results):.1f}, pace {args.pace:g}s)",
+            f"(min {min(results):.1f}, max {max(results):.1f}, pace {args.pace:g}s, "
+            f"transport {args.transport})",
             flush=True,
         )
         if args.profile:
@@ -106,6 +114,8 @@ async def bench(url: str, args: argparse.Namespace) -> None:
             stats.sort_stats("tottime").print_stats(20)
     finally:
         await client.aclose()
+        if http_client is not None:
+            await http_client.aclose()
 
 
 def main() -> None:
@@ -114,6 +124,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--pace", type=float, default=0.0)
     parser.add_argument("--profile", metavar="FILE")
+    parser.add_argument(
+        "--transport",
+        choices=["lean", "httpx"],
+        default="lean",
+        help="the LLM client's own transport (lean) or httpx's default one",
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:

@@ -32,6 +32,7 @@ from mora_graphql.config import Settings
 from mora_graphql.db import storable_text
 from mora_graphql.errors import ErrorCode
 from mora_graphql.providers.sse import sse_data
+from mora_graphql.providers.transport import LeanTransport
 from mora_graphql.tracing import enabled as tracing_enabled
 from mora_graphql.tracing import llm_call, llm_stream
 
@@ -125,6 +126,13 @@ class LLMClient:
         self._owns_http_client = http_client is None
         self._server = urlsplit(settings.deepseek_api_url).hostname  # for trace spans
         self._client: openai.AsyncOpenAI | None = None
+        if key and http_client is None and not tracing_enabled():
+            # (With tracing on, httpx's own transport records each request's client span.)
+            http_client = httpx2.AsyncClient(
+                transport=LeanTransport(),
+                timeout=settings.deepseek_timeout,
+                follow_redirects=True,
+            )
         if key:
             self._client = openai.AsyncOpenAI(
                 api_key=key,

@@ -1,0 +1,198 @@
+"""The LLM client's HTTP/1.1 transport, against servers that write raw bytes over sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import httpx2
+import pytest
+from pydantic import SecretStr
+
+from mora_graphql.config import Settings
+from mora_graphql.providers.llm import LLMChunk, LLMClient
+from mora_graphql.providers.transport import LeanTransport
+from tests.fakes.fixtures import (
+    OPENAI_TEST_KEY,
+    openai_server_fixture,  # noqa: F401
+)
+from tests.fakes.openai_server import JSON, FakeOpenAI, Stream
+
+
+@dataclass
+class Reply:
+    """What the server writes after reading one request, and whether it then hangs up."""
+
+    data: bytes
+    close: bool = False
+    hang: bool = False
+
+
+@dataclass
+class RawServer:
+    replies: list[Reply]
+    connections: int = 0
+    requests: list[bytes] = field(default_factory=list)
+    url: str = ""
+    _server: asyncio.Server | None = None
+    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start(self) -> RawServer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def stop(self) -> None:
+        self._stopped.set()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while self.replies:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    return
+                length = 0
+                for line in head.split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                self.requests.append(head + await reader.readexactly(length))
+                reply = self.replies.pop(0)
+                writer.write(reply.data)
+                await writer.drain()
+                if reply.hang:
+                    await self._stopped.wait()
+                if reply.close:
+                    return
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx2.AsyncClient]:
+    async with httpx2.AsyncClient(transport=LeanTransport(), timeout=2.0) as http:
+        yield http
+
+
+def chunked(*pieces: bytes) -> bytes:
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n"
+    body = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces)
+    return head + body + b"0\r\n\r\n"
+
+
+async def test_a_keep_alive_connection_serves_the_next_request(
+    client: httpx2.AsyncClient,
+) -> None:
+    server = await RawServer([Reply(chunked(b"one", b"two")), Reply(chunked(b"three"))]).start()
+    try:
+        first = await client.post(server.url + "/v1/x?a=1", content=b'{"n": 1}')
+        second = await client.get(server.url + "/v1/y")
+    finally:
+        await server.stop()
+    assert (first.status_code, first.content) == (200, b"onetwo")
+    assert second.content == b"three"
+    assert server.connections == 1
+    assert server.requests[0].startswith(b"POST /v1/x?a=1 HTTP/1.1\r\n")
+    assert server.requests[0].endswith(b'\r\n\r\n{"n": 1}')
+    assert b"\r\nhost: 127.0.0.1:" in server.requests[0].lower()
+    assert server.requests[1].startswith(b"GET /v1/y HTTP/1.1\r\n")
+
+
+async def test_an_idle_connection_the_server_closed_is_replaced(
+    client: httpx2.AsyncClient,
+) -> None:
+    server = await RawServer([Reply(chunked(b"one"), close=True), Reply(chunked(b"two"))]).start()
+    try:
+        assert (await client.get(server.url)).content == b"one"
+        await asyncio.sleep(0.05)
+        assert (await client.get(server.url)).content == b"two"
+    finally:
+        await server.stop()
+    assert server.connections == 2
+
+
+async def test_a_body_ended_by_the_close_of_the_connection(client: httpx2.AsyncClient) -> None:
+    reply = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end"
+    server = await RawServer([Reply(reply, close=True)]).start()
+    try:
+        response = await client.get(server.url)
+    finally:
+        await server.stop()
+    assert response.content == b"until the end"
+
+
+@pytest.mark.parametrize(
+    ("reply", "error"),
+    [
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort", httpx2.RemoteProtocolError),
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nab",
+            httpx2.RemoteProtocolError,
+        ),
+        (b"NOT HTTP AT ALL\r\n\r\n", httpx2.RemoteProtocolError),
+        (b"", httpx2.RemoteProtocolError),
+    ],
+    ids=["short-length", "cut-chunk", "garbage", "no-answer"],
+)
+async def test_broken_answers_are_protocol_errors(
+    client: httpx2.AsyncClient, reply: bytes, error: type[Exception]
+) -> None:
+    server = await RawServer([Reply(reply, close=True)]).start()
+    try:
+        with pytest.raises(error):
+            await client.get(server.url)
+    finally:
+        await server.stop()
+
+
+async def test_a_silent_server_is_a_read_timeout() -> None:
+    server = await RawServer(
+        [Reply(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nab", hang=True)]
+    ).start()
+    try:
+        async with httpx2.AsyncClient(transport=LeanTransport(), timeout=0.3) as http:
+            with pytest.raises(httpx2.ReadTimeout):
+                await http.get(server.url)
+    finally:
+        await server.stop()
+
+
+async def test_a_closed_port_is_a_connect_error(client: httpx2.AsyncClient) -> None:
+    server = await RawServer([]).start()
+    await server.stop()
+    with pytest.raises(httpx2.ConnectError):
+        await client.get(server.url)
+
+
+def test_the_llm_client_streams_and_completes_on_uvloop(openai_server: FakeOpenAI) -> None:
+    """`mora serve` and `mora worker` run on uvloop, whose transports are not asyncio's."""
+    uvloop = pytest.importorskip("uvloop")
+    settings = Settings(
+        _env_file=None,
+        environment="test",
+        deepseek_api_key=SecretStr(OPENAI_TEST_KEY),
+        deepseek_api_url=openai_server.url,
+        deepseek_timeout=5.0,
+    )
+    messages = [{"role": "user", "content": "hello"}]
+
+    async def run() -> tuple[list[LLMChunk], str]:
+        llm = LLMClient(settings)
+        try:
+            openai_server.enqueue(Stream(content_chunks=["print(", "1)"]))
+            chunks = [chunk async for chunk in llm.stream_chat(messages)]
+            openai_server.enqueue(JSON('{"ok": true}'))
+            return chunks, await llm.complete_json(messages)
+        finally:
+            await llm.aclose()
+
+    chunks, answer = uvloop.run(run())
+    assert chunks == [LLMChunk("content", "print("), LLMChunk("content", "1)")]
+    assert answer == '{"ok": true}'
