@@ -3,6 +3,7 @@ short description and the weighted words it matches in a transcript."""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -196,7 +197,13 @@ def _inner_indent(lines: Sequence[str], lo: int, hi: int, indent: str) -> str | 
 
 def split_blocks(lines: Sequence[str]) -> list[Block]:
     """Top-level blocks; code that is one block (a class, a namespace) is split one
-    indentation level deeper, up to three levels."""
+    indentation level deeper, up to three levels. (A run's timeline asks twice for the
+    blocks of the same code: the second time they come from a small cache.)"""
+    return list(_split_blocks(tuple(lines)))
+
+
+@functools.lru_cache(maxsize=8)
+def _split_blocks(lines: tuple[str, ...]) -> tuple[Block, ...]:
     starts = _split_starts(lines, 0, len(lines), "")
     indent = ""
     for _ in range(3):
@@ -212,7 +219,7 @@ def split_blocks(lines: Sequence[str]) -> list[Block]:
         stop = starts[n + 1] if n + 1 < len(starts) else len(lines)
         last = max(i for i in range(first, stop) if lines[i].strip())
         blocks.append(_make_block(lines, first, last, _describe(lines[first : last + 1])))
-    return blocks
+    return tuple(blocks)
 
 
 def merge_blocks(lines: Sequence[str], blocks: list[Block], limit: int) -> list[Block]:
