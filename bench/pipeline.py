@@ -18,7 +18,9 @@ session's subscriber got its SessionSnapshot. One WebSocket subscriber per sessi
 One line per mode: token-to-subscriber latency p50/p99 (receive time - stamp, every token of
 every session), tokens delivered as CodeDelta vs tokens sent, and CPU (from /proc/<pid>/stat,
 100 % = one core) of the worker and the API process over the window from the first token to
-the last subscription's end, with CPU time per token sent. A second line says where the time
+the last subscription's end, with CPU time per token sent, and the CPU of the two processes that
+share the machine with them (the LLM server and this client: near 100 %, the figure is bounded
+by them). A second line says where the time
 goes, from each delta's `at` (when the run published it): source -> published (the LLM stream,
 the run, the flush window) and published -> received (bus, API process, socket, client).
 `--phases` adds the latency of each second of the stream.
@@ -141,7 +143,11 @@ async def run_mode(mode: str, sessions: int, args: argparse.Namespace) -> str:
                     [Subscriber(ws_url, token, [sid], tally, PROGRESS_AT) for sid in ids]
                 )
                 streams = await wait_llm(llm, "waiting", sessions, 300, plateau=30)
-                cpu = CpuMeter(**{name: child.pid for name, child in children.items()})
+                cpu = CpuMeter(
+                    **{name: child.pid for name, child in children.items()},
+                    llm=procs.children["llm"].pid,
+                    client=os.getpid(),
+                )
                 cpu.start()
                 await control(llm, "/_bench/release", {})
                 done, logins = asyncio.Event(), [0]
@@ -177,6 +183,10 @@ async def run_mode(mode: str, sessions: int, args: argparse.Namespace) -> str:
     if "worker" in cpu.result:
         text_ += f", worker CPU {cpu.result['worker']:.0f}% ({per_token['worker']:.0f} µs/token)"
     text_ += f", API CPU {cpu.result['api']:.0f}% ({per_token['api']:.0f} µs/token)"
+    text_ += (
+        f"; beside them: LLM server CPU {cpu.result['llm']:.0f}%, "
+        f"client CPU {cpu.result['client']:.0f}%"
+    )
     if args.logins:
         text_ += f", {logins[0]} failed logins ({args.logins} in flight)"
     if pending:

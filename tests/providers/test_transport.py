@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import ssl
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx2
 import pytest
@@ -196,3 +200,81 @@ def test_the_llm_client_streams_and_completes_on_uvloop(openai_server: FakeOpenA
     chunks, answer = uvloop.run(run())
     assert chunks == [LLMChunk("content", "print("), LLMChunk("content", "1)")]
     assert answer == '{"ok": true}'
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return key, cert
+
+
+async def test_tls_with_the_servers_certificate_checked(tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    key, cert = self_signed(tmp_path)
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(cert, key)
+    server = RawServer([Reply(chunked(b"secret")), Reply(chunked(b"again"))])
+    server._server = await asyncio.start_server(server._serve, "127.0.0.1", 0, ssl=served)
+    url = f"https://127.0.0.1:{server._server.sockets[0].getsockname()[1]}"
+    try:
+        trusted = ssl.create_default_context(cafile=str(cert))
+        async with httpx2.AsyncClient(transport=LeanTransport(trusted), timeout=5) as http:
+            assert (await http.get(url)).content == b"secret"
+            assert (await http.get(url)).content == b"again"
+        async with httpx2.AsyncClient(transport=LeanTransport(), timeout=5) as http:
+            with pytest.raises(httpx2.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                await http.get(url)
+    finally:
+        await server.stop()
+    assert len(server.requests) == 2
+    assert server.connections == 1  # the second request reused the first TLS connection
+
+
+@dataclass
+class Paced:
+    """A chunked body whose pieces are written `gap` seconds apart."""
+
+    pieces: list[bytes]
+    gap: float
+    connections: int = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for piece in self.pieces:
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+            await asyncio.sleep(self.gap)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+
+async def test_what_arrives_while_the_reader_is_busy_comes_in_one_piece(
+    client: httpx2.AsyncClient,
+) -> None:
+    pieces = [b"piece %d;" % n for n in range(20)]
+    paced = Paced(pieces, gap=0.002)
+    server = await asyncio.start_server(paced.serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with client.stream("GET", url) as response:
+            reads = response.aiter_raw()
+            first = await anext(reads)
+            await asyncio.sleep(0.3)  # busy: the rest arrives meanwhile
+            rest = [chunk async for chunk in reads]
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert first + b"".join(rest) == b"".join(pieces)
+    assert len(rest) <= 2, rest  # what was buffered when reading paused, then one read
