@@ -9,8 +9,9 @@ data:
 - fields read with Strawberry's default resolver (no resolver of their own, no arguments, no
   field extensions such as permissions), and fields whose resolver is marked `PLAIN` (a sync
   method of `self` only, computing its value from the object alone, safe to call again);
-- of a scalar or enum type, or of an object type (no `is_type_of`) or a list of them whose
-  selected fields are plain data themselves; `__typename` too;
+- of a scalar or enum type, of an object type (no `is_type_of`), of an interface whose types
+  Strawberry resolves by the value's class, or a list of them, whose selected fields are
+  plain data themselves; `__typename` too;
 - with no directives but `@skip` / `@include` (already applied by field collection), no
   `@defer`, and no middleware installed (tracing).
 
@@ -20,7 +21,7 @@ they already have their output type (`str` for String and ID, a finite `float`, 
 unusual (null in a non-null position, a value the type cannot coerce, an exception, an
 awaitable, an iterable that is not a list or tuple) the field is executed again by graphql-core
 from the start, so results, errors, their messages and paths stay exactly what they were.
-Other fields (root resolvers, async or argument-taking resolvers, abstract types) always take
+Other fields (root resolvers, async or argument-taking resolvers, unions) always take
 graphql-core's path, and their object results are planned the same way one level down.
 """
 
@@ -44,6 +45,7 @@ from graphql import (
     GraphQLFloat,
     GraphQLID,
     GraphQLInt,
+    GraphQLInterfaceType,
     GraphQLLeafType,
     GraphQLObjectType,
     GraphQLOutputType,
@@ -56,6 +58,7 @@ from graphql import (
     SelectionSetNode,
     StringValueNode,
     get_nullable_type,
+    is_interface_type,
     is_leaf_type,
     is_list_type,
     is_non_null_type,
@@ -65,6 +68,8 @@ from graphql.execution.collect_fields import FieldDetailsList, GroupedFieldSet
 from graphql.pyutils import AwaitableOrValue, Path, Undefined, gather_with_cancel
 from strawberry.execution.is_awaitable import optimized_is_awaitable as _awaitable
 from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
+from strawberry.types.base import StrawberryObjectDefinition
+from strawberry.types.cast import get_strawberry_type_cast
 from strawberry.types.field import StrawberryField
 
 PLAIN = "mora.plain"
@@ -198,6 +203,25 @@ class _List(_Spec):
             raise _FALLBACK
         complete = self.item.complete
         return [complete(item) for item in value]
+
+
+class _Abstract(_Spec):
+    """An interface whose runtime type is the value's class: each implementing Strawberry
+    type's own `_Object`, found by `type(value)`."""
+
+    __slots__ = ("by_class",)
+
+    def __init__(self, nullable: bool, by_class: dict[type, _Spec]) -> None:
+        super().__init__(nullable)
+        self.by_class = by_class
+
+    def complete(self, value: Any) -> Any:
+        if not self.present(value):
+            return None
+        spec = self.by_class.get(type(value))
+        if spec is None or get_strawberry_type_cast(value) is not None:
+            raise _FALLBACK
+        return spec.complete(value)
 
 
 class _Constant(_Spec):
@@ -395,6 +419,21 @@ class PlainDataExecutor(StrawberryGraphQLCoreExecutionContext):
             return None, None
         return get, spec
 
+    @property
+    def plans_shared(self) -> bool:
+        """The operation's field sets do not depend on its variables (plans are shared)."""
+        return self._shared is not None
+
+    def type_plan(
+        self, return_type: GraphQLOutputType, field_details_list: FieldDetailsList
+    ) -> _Spec | None:
+        """The completion of a whole value of `return_type` selected by these fields, or None
+        when some part of it is not plain data."""
+        try:
+            return self._type_plan(return_type, field_details_list)
+        except RecursionError:
+            return None
+
     def _type_plan(
         self, return_type: GraphQLOutputType, field_details_list: FieldDetailsList
     ) -> _Spec | None:
@@ -408,8 +447,15 @@ class PlainDataExecutor(StrawberryGraphQLCoreExecutionContext):
             if leaf_spec is not None:
                 return leaf_spec(nullable, inner)
             return _Coerced(nullable, inner)
+        if is_interface_type(inner):
+            return self._interface_plan(nullable, inner, field_details_list)
         if not is_object_type(inner) or inner.is_type_of is not None:
             return None
+        return self._object_plan(nullable, inner, field_details_list)
+
+    def _object_plan(
+        self, nullable: bool, inner: GraphQLObjectType, field_details_list: FieldDetailsList
+    ) -> _Object | None:
         grouped_field_set, new_defer_usages, _forbidden = self.collect_subfields(
             inner, field_details_list
         )
@@ -423,7 +469,36 @@ class PlainDataExecutor(StrawberryGraphQLCoreExecutionContext):
             fields.append((response_name, get, spec))
         return _Object(nullable, tuple(fields))
 
+    def _interface_plan(
+        self, nullable: bool, inner: GraphQLInterfaceType, field_details_list: FieldDetailsList
+    ) -> _Abstract | None:
+        """Strawberry's own type resolution (no `resolve_type` of the interface's, no
+        `is_type_of` or generics of its types') names the value's class's type: each
+        implementing type whose selection is plain data is planned as an object, keyed by its
+        class."""
+        interface = inner.extensions.get(_DEFINITION)
+        if not isinstance(interface, StrawberryObjectDefinition) or interface.resolve_type:
+            return None
+        by_class: dict[type, _Spec] = {}
+        for possible in self.schema.get_possible_types(inner):
+            definition = possible.extensions.get(_DEFINITION)
+            if (
+                not isinstance(definition, StrawberryObjectDefinition)
+                or definition.is_type_of is not None
+                or definition.is_graphql_generic
+                or definition.concrete_of is not None
+                or not issubclass(definition.origin, interface.origin)
+            ):
+                return None
+            spec = self._object_plan(False, possible, field_details_list)
+            if spec is not None:  # (a value of a type left out is completed by graphql-core)
+                by_class[definition.origin] = spec
+        return _Abstract(nullable, by_class) if by_class else None
 
+
+Spec = _Spec
+"""How a value of one selection is completed (`PlainDataExecutor.type_plan`); `complete`
+raises for anything only graphql-core completes."""
 _Plan = tuple[tuple[Getter, _Spec] | tuple[None, None], ...]
 _Plans = dict[tuple[Any, ...], _Plan | None]
 _LITERALS = (

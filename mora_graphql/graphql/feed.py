@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
+from graphql import FieldNode, GraphQLError, OperationType, parse, validate
+from graphql.execution.collect_fields import FieldDetails
 from strawberry.types import ExecutionResult
 from strawberry.utils.aio import aclosing
 
@@ -45,8 +47,11 @@ from mora_graphql.events.stream import (
     snapshot,
 )
 from mora_graphql.events.types import SessionEvent
+from mora_graphql.graphql.execution import PlainDataExecutor, Spec
+from mora_graphql.graphql.fanout import SHARED_EVENTS
 from mora_graphql.graphql.frames import Frames, encode_payload
 from mora_graphql.metrics import EVENT_EXECUTIONS, SUBSCRIBER_CATCH_UPS, SUBSCRIPTIONS
+from mora_graphql.tracing import enabled as tracing_enabled
 
 if TYPE_CHECKING:
     from strawberry.schema import BaseSchema
@@ -183,11 +188,13 @@ class Writer:
 class Group:
     """The subscribers of one feed sharing (document, operation name, variables)."""
 
-    __slots__ = ("_payloads", "execute", "key", "members")
+    __slots__ = ("_compiled", "_payloads", "execute", "key", "members")
 
     def __init__(self, key: tuple[str, str | None, bytes], execute: SharedExecution) -> None:
         self.key = key
         self.execute = execute
+        # (any coroutine function will do as `execute`: it then executes every event)
+        self._compiled: Callable[[Item], str | None] | None = getattr(execute, "compiled", None)
         self.members: dict[int, Member] = {}
         self._payloads: OrderedDict[int, asyncio.Future[str]] = OrderedDict()
 
@@ -202,11 +209,20 @@ class Group:
         EVENT_EXECUTIONS.labels("false").inc()
         if deliveries > 1:
             EVENT_EXECUTIONS.labels("true").inc(deliveries - 1)
+        compiled = self._compiled(item) if self._compiled is not None else None
+        if compiled is not None:
+            done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            done.set_result(compiled)
+            self._remember(item.seq, done)
+            return compiled
         task = asyncio.ensure_future(self.execute(item))
-        self._payloads[item.seq] = task
+        self._remember(item.seq, task)
+        return await asyncio.shield(task)
+
+    def _remember(self, seq: int, payload: asyncio.Future[str]) -> None:
+        self._payloads[seq] = payload
         if len(self._payloads) > PAYLOADS_PER_GROUP:
             self._payloads.popitem(last=False)
-        return await asyncio.shield(task)
 
     def close(self) -> None:
         self.execute.close()
@@ -554,7 +570,11 @@ class SharedExecution:
     Live events go through one standing subscription of the document (root value `Pump`),
     stepped once per event: parsing, validation, extensions and the subscription's set-up are
     paid once per group, not once per event. A snapshot, or any item after the standing
-    execution failed, is executed on its own."""
+    execution failed, is executed on its own.
+
+    Once the standing execution has answered a first live event, a document whose selection is
+    plain data (`CompiledEvents`) answers the later ones without any execution, provided its
+    answer to that first event was the same payload."""
 
     def __init__(
         self,
@@ -577,6 +597,15 @@ class SharedExecution:
         self._stream: AsyncGenerator[ExecutionResult, None] | None = None
         self._broken = False
         self._closed = False
+        self._compiled: CompiledEvents | None = None
+        self._compile_tried = False
+
+    def compiled(self, item: Item) -> str | None:
+        """The payload of a live event without an execution, when the document allows."""
+        compiled = self._compiled
+        if compiled is None or self._closed or isinstance(item, Snapshot):
+            return None
+        return compiled.payload(item)
 
     async def _subscribe(self, root: Pump | Replay) -> Any:
         return await self.schema.subscribe(
@@ -614,7 +643,13 @@ class SharedExecution:
                 self._broken = True
                 self._release()
                 return await self.once(item)
-        return encode_payload(result)
+        payload = encode_payload(result)
+        if not self._compile_tried and not result.errors and not result.extensions:
+            self._compile_tried = True
+            compiled = compile_events(self.schema, self.query, self.variables, self.operation_name)
+            if compiled is not None and compiled.payload(item) == payload:
+                self._compiled = compiled
+        return payload
 
     def _release(self) -> None:
         stream, self._stream = self._stream, None
@@ -626,6 +661,71 @@ class SharedExecution:
     def close(self) -> None:
         self._closed = True
         self._release()
+
+
+class CompiledEvents:
+    """A `sessionProgress` document's live events completed from a plan made once: the
+    selection below the root field is plain data (`PlainDataExecutor.type_plan`: each event
+    type's fields read and copied, the type found from the event's class). Anything the plan
+    does not complete directly (a value needing coercion or an error) returns None, and the
+    event is executed."""
+
+    __slots__ = ("name", "spec")
+
+    def __init__(self, name: str, spec: Spec) -> None:
+        self.name = name
+        self.spec = spec
+
+    def payload(self, item: SessionEvent) -> str | None:
+        try:
+            data = {self.name: self.spec.complete(SHARED_EVENTS.get(item))}
+        except Exception:
+            return None
+        return orjson.dumps({"data": data}).decode()
+
+
+def compile_events(
+    schema: BaseSchema,
+    query: str,
+    variables: dict[str, Any] | None,
+    operation_name: str | None,
+) -> CompiledEvents | None:
+    """The plan of a subscription whose only root field is `sessionProgress` (no directives)
+    and whose selection is plain data; None otherwise, or while tracing (its field spans come
+    from an execution)."""
+    graphql_schema = getattr(schema, "_schema", None)
+    if tracing_enabled() or graphql_schema is None or graphql_schema.subscription_type is None:
+        return None
+    try:
+        document = parse(query)
+    except GraphQLError:
+        return None
+    if validate(graphql_schema, document):
+        return None
+    executor = PlainDataExecutor.build(
+        graphql_schema, document, raw_variable_values=variables, operation_name=operation_name
+    )
+    if not isinstance(executor, PlainDataExecutor) or not executor.plans_shared:
+        return None
+    operation = executor.operation
+    selections = operation.selection_set.selections
+    if operation.operation is not OperationType.SUBSCRIPTION or len(selections) != 1:
+        return None
+    field = selections[0]
+    if (
+        not isinstance(field, FieldNode)
+        or field.name.value != "sessionProgress"
+        or field.directives
+        or operation.directives
+    ):
+        return None
+    field_def = graphql_schema.subscription_type.fields.get("sessionProgress")
+    if field_def is None:
+        return None
+    spec = executor.type_plan(field_def.type, [FieldDetails(field, None)])
+    if spec is None:
+        return None
+    return CompiledEvents(field.alias.value if field.alias else field.name.value, spec)
 
 
 def shared_execution(
