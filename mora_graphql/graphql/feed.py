@@ -574,7 +574,10 @@ class SharedExecution:
 
     Once the standing execution has answered a first live event, a document whose selection is
     plain data (`CompiledEvents`) answers the later ones without any execution, provided its
-    answer to that first event was the same payload."""
+    answer to that first event was the same payload. The plan holds for every group of the
+    same (document, operation name) whatever its variables (`compile_events` plans only
+    documents whose field sets cannot depend on them), so later groups of that document use it
+    from their first event, without a standing execution."""
 
     def __init__(
         self,
@@ -597,8 +600,9 @@ class SharedExecution:
         self._stream: AsyncGenerator[ExecutionResult, None] | None = None
         self._broken = False
         self._closed = False
-        self._compiled: CompiledEvents | None = None
-        self._compile_tried = False
+        key = (query, operation_name)
+        self._compile_tried = _COMPILED.known(schema, key)
+        self._compiled = _COMPILED.get(schema, key)
 
     def compiled(self, item: Item) -> str | None:
         """The payload of a live event without an execution, when the document allows."""
@@ -647,8 +651,10 @@ class SharedExecution:
         if not self._compile_tried and not result.errors and not result.extensions:
             self._compile_tried = True
             compiled = compile_events(self.schema, self.query, self.variables, self.operation_name)
-            if compiled is not None and compiled.payload(item) == payload:
-                self._compiled = compiled
+            if compiled is not None and compiled.payload(item) != payload:
+                compiled = None
+            self._compiled = compiled
+            _COMPILED.put(self.schema, (self.query, self.operation_name), compiled)
         return payload
 
     def _release(self) -> None:
@@ -682,6 +688,39 @@ class CompiledEvents:
         except Exception:
             return None
         return orjson.dumps({"data": data}).decode()
+
+
+class _CompiledDocuments:
+    """Per schema, the recent documents' plans (None: not compilable), LRU."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.by_schema: weakref.WeakKeyDictionary[
+            BaseSchema, OrderedDict[tuple[str, str | None], CompiledEvents | None]
+        ] = weakref.WeakKeyDictionary()
+
+    def known(self, schema: BaseSchema, key: tuple[str, str | None]) -> bool:
+        entries = self.by_schema.get(schema)
+        return entries is not None and key in entries
+
+    def get(self, schema: BaseSchema, key: tuple[str, str | None]) -> CompiledEvents | None:
+        entries = self.by_schema.get(schema)
+        if entries is None or key not in entries:
+            return None
+        entries.move_to_end(key)
+        return entries[key]
+
+    def put(
+        self, schema: BaseSchema, key: tuple[str, str | None], compiled: CompiledEvents | None
+    ) -> None:
+        entries = self.by_schema.setdefault(schema, OrderedDict())
+        entries[key] = compiled
+        while len(entries) > self.size:
+            entries.popitem(last=False)
+
+
+COMPILED_DOCUMENTS = 256
+_COMPILED = _CompiledDocuments(COMPILED_DOCUMENTS)
 
 
 def compile_events(

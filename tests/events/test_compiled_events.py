@@ -136,3 +136,38 @@ def test_documents_that_are_not_plain_data_are_not_compiled(live: LiveServer) ->
     assert compile_events(
         schema, 'subscription { sessionProgress(sessionId: "x") { seq } }', None, None
     )
+
+
+async def test_a_documents_plan_serves_its_later_groups_from_their_first_event(
+    live: LiveServer,
+) -> None:
+    schema = build_schema(live.services.settings)
+    context = Context(
+        deps=graphql_deps(live.services),
+        request=Request({"type": "http", "headers": [], "method": "POST", "path": "/"}),
+    )
+    document = (
+        "subscription Follow($id: ID!) { sessionProgress(sessionId: $id) { seq "
+        "... on CodeDelta { text } } }"
+    )
+    rng = random.Random(7)
+    first = SharedExecution(schema, context, document, {"id": "a"}, "Follow")
+    assert first.compiled(random_event(rng, 1)) is None  # nothing verified yet
+    item = random_event(rng, 2)
+    assert await first(item) == await first.once(item)  # the standing execution answers
+    later = SharedExecution(schema, context, document, {"id": "b"}, "Follow")
+    event = DomainEvent(
+        session_id=uuid.uuid4(),
+        seq=3,
+        kind=EventKind.CODE_DELTA,
+        at=dt.datetime.now(dt.UTC),
+        status=SessionStatus.PROCESSING,
+        stage=PipelineStage.GENERATING_CODE,
+        progress=0.5,
+        text="print(1)\n",
+    )
+    answer = later.compiled(event)
+    assert answer == '{"data":{"sessionProgress":{"seq":3,"text":"print(1)\\n"}}}'
+    assert answer == await later.once(event)
+    first.close()
+    later.close()
