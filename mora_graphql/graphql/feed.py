@@ -600,14 +600,21 @@ class SharedExecution:
         self._stream: AsyncGenerator[ExecutionResult, None] | None = None
         self._broken = False
         self._closed = False
-        key = (query, operation_name)
-        self._compile_tried = _COMPILED.known(schema, key)
-        self._compiled = _COMPILED.get(schema, key)
+        self._compiled: CompiledEvents | None = None
+        self._compile_tried = False
 
     def compiled(self, item: Item) -> str | None:
         """The payload of a live event without an execution, when the document allows."""
         compiled = self._compiled
-        if compiled is None or self._closed or isinstance(item, Snapshot):
+        if compiled is None:
+            key = (self.query, self.operation_name)
+            if self._compile_tried or not _COMPILED.known(self.schema, key):
+                return None
+            self._compile_tried = True  # another group of this document verified it
+            compiled = self._compiled = _COMPILED.get(self.schema, key)
+            if compiled is None:
+                return None
+        if self._closed or isinstance(item, Snapshot):
             return None
         return compiled.payload(item)
 

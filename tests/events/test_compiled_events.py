@@ -152,10 +152,12 @@ async def test_a_documents_plan_serves_its_later_groups_from_their_first_event(
     )
     rng = random.Random(7)
     first = SharedExecution(schema, context, document, {"id": "a"}, "Follow")
+    waiting = SharedExecution(schema, context, document, {"id": "b"}, "Follow")
     assert first.compiled(random_event(rng, 1)) is None  # nothing verified yet
+    assert waiting.compiled(random_event(rng, 1)) is None
     item = random_event(rng, 2)
     assert await first(item) == await first.once(item)  # the standing execution answers
-    later = SharedExecution(schema, context, document, {"id": "b"}, "Follow")
+    later = SharedExecution(schema, context, document, {"id": "c"}, "Follow")
     event = DomainEvent(
         session_id=uuid.uuid4(),
         seq=3,
@@ -169,5 +171,7 @@ async def test_a_documents_plan_serves_its_later_groups_from_their_first_event(
     answer = later.compiled(event)
     assert answer == '{"data":{"sessionProgress":{"seq":3,"text":"print(1)\\n"}}}'
     assert answer == await later.once(event)
+    assert waiting.compiled(event) == answer  # a group that joined before the plan was made
     first.close()
+    waiting.close()
     later.close()
