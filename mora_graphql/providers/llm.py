@@ -190,21 +190,16 @@ class LLMClient:
                 request as response,
                 aclosing(sse_data(response.http_response)) as events,
             ):
-                async for payload in events:
-                    chunk = orjson.loads(payload)
-                    if not isinstance(chunk, dict):
-                        raise ValueError("a stream event is not a JSON object")
-                    error = chunk.get("error")
-                    if error:
-                        raise _stream_error(error, response.http_response.request)
-                    reported = chunk.get("usage")
-                    if usage is not None and isinstance(reported, dict):
-                        _record_usage(usage, reported)
-                    for text_chunk, reason in _chunk_parts(chunk):
-                        if reason is not None:
-                            finish_reason = reason
-                        if text_chunk is not None:
-                            yield text_chunk
+                async for payloads in events:
+                    chunks, reason, failure = _read_events(
+                        payloads, response.http_response.request, usage
+                    )
+                    if reason is not None:
+                        finish_reason = reason
+                    for text_chunk in chunks:
+                        yield text_chunk
+                    if failure is not None:
+                        raise failure
         except openai.APIConnectionError as exc:
             # Losing only the trailer (usage chunk / [DONE]) after the finish chunk
             # still leaves a complete answer.
@@ -330,6 +325,47 @@ def _stream_error(error: object, request: httpx2.Request) -> openai.APIError:
     if not isinstance(message, str) or not message:
         message = "An error occurred during streaming"
     return openai.APIError(message, request, body=error)
+
+
+def _read_events(
+    payloads: list[bytes], request: httpx2.Request, usage: Usage | None
+) -> tuple[list[LLMChunk], str | None, Exception | None]:
+    """The text of the events one read of the stream completed, one chunk per run of the same
+    kind (a run then handles a read's tokens at once); the last finish reason; and the failure
+    that ended the stream among them (raised after the text before it)."""
+    chunks: list[LLMChunk] = []
+    texts: list[str] = []
+    kind: Literal["reasoning", "content"] | None = None
+    finish_reason: str | None = None
+    failure: Exception | None = None
+    for payload in payloads:
+        try:
+            chunk = orjson.loads(payload)
+            if not isinstance(chunk, dict):
+                raise ValueError("a stream event is not a JSON object")
+        except ValueError as exc:  # malformed SSE data (orjson.JSONDecodeError)
+            failure = exc
+            break
+        error = chunk.get("error")
+        if error:
+            failure = _stream_error(error, request)
+            break
+        reported = chunk.get("usage")
+        if usage is not None and isinstance(reported, dict):
+            _record_usage(usage, reported)
+        for text_chunk, reason in _chunk_parts(chunk):
+            if reason is not None:
+                finish_reason = reason
+            if text_chunk is None:
+                continue
+            if text_chunk.kind != kind and texts:
+                chunks.append(LLMChunk(kind or text_chunk.kind, "".join(texts)))
+                texts.clear()
+            kind = text_chunk.kind
+            texts.append(text_chunk.text)
+    if texts and kind is not None:
+        chunks.append(LLMChunk(kind, "".join(texts)))
+    return chunks, finish_reason, failure
 
 
 def _chunk_parts(chunk: dict[str, Any]) -> list[tuple[LLMChunk | None, str | None]]:

@@ -28,20 +28,25 @@ _TRANSPORT_ERRORS: tuple[type[Exception], ...] = (
 _DRAIN_TIMEOUT = 0.1
 
 
-async def sse_data(response: httpx2.Response) -> AsyncGenerator[bytes, None]:
-    """The `data` of each server-sent event up to `[DONE]`; transport failures while reading
-    are raised as the SDK's APITimeoutError / APIConnectionError, as its own stream does."""
+async def sse_data(response: httpx2.Response) -> AsyncGenerator[list[bytes], None]:
+    """The `data` of the server-sent events up to `[DONE]`, those completed by one read of the
+    body at a time (never an empty list); transport failures while reading are raised as the
+    SDK's APITimeoutError / APIConnectionError, as its own stream does."""
     decoder = _SSEDecoder()
     body = response.aiter_bytes()
     try:
         async with aclosing(body):
             async for raw in body:
-                for data in decoder.feed(raw):
+                events = decoder.feed(raw)
+                for n, data in enumerate(events):
                     if data.startswith(b"[DONE]"):
+                        if n:
+                            yield events[:n]
                         if response.http_version == "HTTP/1.1":
                             await _drain(body)
                         return
-                    yield data
+                if events:
+                    yield events
     except _TIMEOUT_ERRORS as exc:
         raise openai.APITimeoutError(request=response.request) from exc
     except _TRANSPORT_ERRORS as exc:

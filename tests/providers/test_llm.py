@@ -70,6 +70,18 @@ async def collect(
     return [c async for c in client.stream_chat(MESSAGES, usage=usage, max_tokens=max_tokens)]
 
 
+def runs(chunks: list[LLMChunk]) -> list[LLMChunk]:
+    """The chunks with neighbours of one kind joined: what a stream says, however its events
+    were split between reads (one read's events of one kind come as one chunk)."""
+    joined: list[LLMChunk] = []
+    for chunk in chunks:
+        if joined and joined[-1].kind == chunk.kind:
+            joined[-1] = LLMChunk(chunk.kind, joined[-1].text + chunk.text)
+        else:
+            joined.append(chunk)
+    return joined
+
+
 async def test_stream_yields_reasoning_then_content(
     llm: LLMClient,
     openai_server: FakeOpenAI,
@@ -78,8 +90,9 @@ async def test_stream_yields_reasoning_then_content(
     content = ["```python\n", "print('hello", " world')\n", "```"]
     openai_server.enqueue(Stream(content_chunks=content, reasoning_chunks=reasoning))
     chunks = await collect(llm)
-    assert chunks == [LLMChunk("reasoning", text) for text in reasoning] + [
-        LLMChunk("content", text) for text in content
+    assert runs(chunks) == [
+        LLMChunk("reasoning", "".join(reasoning)),
+        LLMChunk("content", "".join(content)),
     ]
     assert "".join(c.text for c in chunks if c.kind == "content") == "".join(content)
 
@@ -333,7 +346,7 @@ async def test_mid_stream_disconnect_is_retryable(
 
     with pytest.raises(LLMError) as info:
         await consume()
-    assert received == [LLMChunk("content", "a"), LLMChunk("content", "b")]
+    assert runs(received) == [LLMChunk("content", "ab")]
     assert info.value.retryable
     assert info.value.status is None
     assert "cut" in info.value.message
@@ -680,7 +693,7 @@ async def test_raw_keepalive_comments_and_unused_fields_are_skipped(
         ]
     )
     raw_sse.scripts.append(RawReply([body[:9], body[9:40], body[40:]]))
-    assert await collect(raw_llm) == [LLMChunk("content", "a"), LLMChunk("content", "b")]
+    assert runs(await collect(raw_llm)) == [LLMChunk("content", "ab")]
 
 
 async def test_raw_several_events_in_one_write_and_multiline_data(
@@ -697,7 +710,7 @@ async def test_raw_several_events_in_one_write_and_multiline_data(
         + b"data: [DONE]\n\n"
     )
     raw_sse.scripts.append(RawReply(body))
-    assert await collect(raw_llm) == [LLMChunk(kind="content", text=t) for t in "abc"]
+    assert await collect(raw_llm) == [LLMChunk(kind="content", text="abc")]  # one read
 
 
 async def test_raw_reasoning_content_and_null_fields(
@@ -722,11 +735,8 @@ async def test_raw_reasoning_content_and_null_fields(
     raw_sse.scripts.append(RawReply(body))
     usage = Usage()
     assert await collect(raw_llm, usage=usage) == [
-        LLMChunk("reasoning", "Let me "),
-        LLMChunk("reasoning", "think."),
-        LLMChunk("reasoning", "thought"),
-        LLMChunk("content", "code"),
-        LLMChunk("content", "!"),
+        LLMChunk("reasoning", "Let me think.thought"),
+        LLMChunk("content", "code!"),
     ]
     assert usage == Usage(calls=1)
 
@@ -862,3 +872,21 @@ async def test_raw_consumer_stopping_early_releases_the_connection(
     await stream.aclose()
     gc.collect()
     assert await collect(raw_llm) == [LLMChunk("content", "c")]
+
+
+@pytest.mark.parametrize(
+    ("failure", "message"),
+    [
+        (b'data: {"error": {"message": "overloaded"}}\n\n', "overloaded"),
+        (b"data: {not json\n\n", "malformed stream data"),
+    ],
+    ids=["error-event", "malformed"],
+)
+async def test_raw_text_read_with_a_failure_is_yielded_before_it(
+    raw_llm: LLMClient, raw_sse: RawSSEServer, failure: bytes, message: str
+) -> None:
+    body = event(delta("a", reasoning="r")) + event(delta("b")) + failure + event(delta("c"))
+    raw_sse.scripts.append(RawReply(body))
+    received, error = await collect_until_error(raw_llm)
+    assert received == [LLMChunk("reasoning", "r"), LLMChunk("content", "ab")]
+    assert message in error.message
