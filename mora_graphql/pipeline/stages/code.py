@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 from mora_graphql.errors import ErrorCode, PipelineError
 from mora_graphql.pipeline import prompts
@@ -19,6 +18,7 @@ from mora_graphql.pipeline.context import (
     PROGRESS_SUBTITLES_DONE,
     RunContext,
 )
+from mora_graphql.pipeline.offload import off_loop
 from mora_graphql.pipeline.transcript import chunk_transcript, compact_lines, estimate_tokens
 from mora_graphql.providers.subtitles.base import Transcript
 
@@ -62,15 +62,10 @@ async def generate_code(run: RunContext, transcript: Transcript) -> tuple[str, C
     return code, check
 
 
-_CHECKS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mora-code-check")
-"""One thread: CPython 3.11's `ast.parse` is not safe in two threads at once (it raises
-SystemError "AST constructor recursion depth mismatch")."""
-
-
 async def checked(code: str, language: str) -> CodeCheck:
     """`check_code` off the event loop: parsing a long program takes milliseconds, and the
     runs of many sessions end about together."""
-    return await asyncio.get_running_loop().run_in_executor(_CHECKS, check_code, code, language)
+    return await off_loop(check_code, code, language)
 
 
 async def _reduce(run: RunContext, partials: list[str], language: str, budget: int) -> list[str]:
