@@ -395,6 +395,21 @@ class PlainDataExecutor(StrawberryGraphQLCoreExecutionContext):
             return None, None
         return get, spec
 
+    @property
+    def plans_shared(self) -> bool:
+        """The operation's field sets do not depend on its variables (plans are shared)."""
+        return self._shared is not None
+
+    def type_plan(
+        self, return_type: GraphQLOutputType, field_details_list: FieldDetailsList
+    ) -> _Spec | None:
+        """The completion of a whole value of `return_type` selected by these fields, or None
+        when some part of it is not plain data."""
+        try:
+            return self._type_plan(return_type, field_details_list)
+        except RecursionError:
+            return None
+
     def _type_plan(
         self, return_type: GraphQLOutputType, field_details_list: FieldDetailsList
     ) -> _Spec | None:
@@ -424,6 +439,9 @@ class PlainDataExecutor(StrawberryGraphQLCoreExecutionContext):
         return _Object(nullable, tuple(fields))
 
 
+Spec = _Spec
+"""How a value of one selection is completed (`PlainDataExecutor.type_plan`); `complete`
+raises for anything only graphql-core completes."""
 _Plan = tuple[tuple[Getter, _Spec] | tuple[None, None], ...]
 _Plans = dict[tuple[Any, ...], _Plan | None]
 _LITERALS = (
