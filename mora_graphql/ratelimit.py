@@ -15,7 +15,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 import structlog
@@ -94,6 +94,26 @@ def _storage(uri: str, max_keys: int) -> Any:
     return storage_from_string(uri, **options)
 
 
+class _Hits:
+    """Hits on one shared window waiting for the round trip that takes them together: a
+    client with many requests in flight costs one Redis call per round trip, not one per
+    request. The window counts every hit, and a joined hit the window cannot take whole is
+    split into single hits, so no more are admitted than one at a time would be."""
+
+    __slots__ = ("drainer", "taking", "waiting")
+
+    def __init__(self) -> None:
+        self.waiting: list[asyncio.Future[bool]] = []
+        self.taking: list[asyncio.Future[bool]] = []
+        self.drainer: asyncio.Task[None] | None = None
+
+
+def _settle(waiters: list[asyncio.Future[bool]], allowed: bool) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(allowed)
+
+
 class RateLimiter:
     def __init__(self, settings: Settings) -> None:
         self.enabled = settings.rate_limit_enabled
@@ -119,6 +139,7 @@ class RateLimiter:
             if self.shared and "redis" in self.uri.split("://", 1)[0]
             else None
         )
+        self._batches: dict[tuple[RateLimitItem, tuple[str, ...]], _Hits] = {}
         self._leases: dict[str, uuid.UUID] = {}
         self._renewer: asyncio.Task[None] | None = None
 
@@ -152,10 +173,65 @@ class RateLimiter:
     async def _call(self, item: RateLimitItem, key: tuple[str, ...]) -> tuple[bool, float]:
         if not self.degraded:
             try:
+                if self.shared:
+                    return await self._shared_hit(item, key)
                 return await self._check(self._primary, item, key)
             except Exception as exc:
                 self._outage(exc)
         return await self._check(self._local, item, key)
+
+    async def _shared_hit(self, item: RateLimitItem, key: tuple[str, ...]) -> tuple[bool, float]:
+        """One hit on the shared window, joined with the other hits of the same limit and
+        identity that arrive while a round trip is under way (`_Hits`)."""
+        batches = self._batches
+        batch_key = (item, key)
+        batch = batches.get(batch_key)
+        if batch is None:
+            batch = batches[batch_key] = _Hits()
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        batch.waiting.append(waiter)
+        if batch.drainer is None:
+            batch.drainer = asyncio.create_task(self._drain(batch_key, batch))
+            batch.drainer.add_done_callback(partial(self._drained, batch_key, batch))
+        if await waiter:
+            return True, 0.0
+        stats = await self._primary.get_window_stats(item, *key)
+        return False, stats.reset_time
+
+    async def _drain(self, batch_key: tuple[RateLimitItem, tuple[str, ...]], batch: _Hits) -> None:
+        item, key = batch_key
+        try:
+            while batch.waiting:
+                batch.taking, batch.waiting = batch.waiting, []
+                if await self._primary.hit(item, *key, cost=len(batch.taking)):
+                    _settle(batch.taking, True)
+                    continue
+                # Near the limit the joined hit is refused as a whole: each takes its own
+                # turn, so exactly as many as the window still allows are admitted.
+                for waiter in batch.taking:
+                    if not waiter.done():
+                        allowed = await self._primary.hit(item, *key)
+                        if not waiter.done():
+                            waiter.set_result(allowed)
+        except Exception as exc:
+            # The storage failed: every waiter falls back as on its own error.
+            for waiter in [*batch.taking, *batch.waiting]:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+        finally:
+            # Within the same step as the last look at `waiting`: a later hit starts anew.
+            if self._batches.get(batch_key) is batch:
+                del self._batches[batch_key]
+
+    def _drained(
+        self, batch_key: tuple[RateLimitItem, tuple[str, ...]], batch: _Hits, _task: object
+    ) -> None:
+        """The round trips are over: a hit still waiting was cancelled with them (the loop is
+        closing, possibly before they started), as it would have been on its own."""
+        if self._batches.get(batch_key) is batch:
+            del self._batches[batch_key]
+        for waiter in [*batch.taking, *batch.waiting]:
+            waiter.cancel()
 
     @staticmethod
     async def _check(

@@ -33,12 +33,18 @@ from strawberry.types.execution import PreExecutionError
 from strawberry.types.graphql import OperationType
 from strawberry.types.unset import UnsetType
 
+from mora_graphql import tracing
 from mora_graphql.auth.tokens import bearer_token, decode_access_token
 from mora_graphql.errors import MoraError
 from mora_graphql.graphql.context import Context, GraphQLDeps
+from mora_graphql.graphql.hot import HotOperations
+from mora_graphql.graphql.inputs import unusable_text
+from mora_graphql.graphql.limits import Documents
 from mora_graphql.graphql.persisted import PersistedQueryError
+from mora_graphql.graphql.queries import find_session
 from mora_graphql.graphql.response_cache import current_recorder
 from mora_graphql.graphql.streams import HTTPSubscription, is_subscription, stream_protocol
+from mora_graphql.graphql.types import Session
 from mora_graphql.graphql.websocket import (
     LegacyWSHandler,
     LimitedWebSocketAdapter,
@@ -61,6 +67,14 @@ SUBSCRIPTION_TRANSPORTS = {
     ),
     "sse": "graphql-sse (POST with Accept: text/event-stream)",
 }
+
+
+_PLAIN_REQUEST_KEYS = frozenset({"query", "variables", "operationName"})
+
+
+@lru_cache(maxsize=64)
+def _json_content(content_type: str | None) -> bool:
+    return parse_content_type(content_type or "")[0] == JSON
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +180,10 @@ class MoraGraphQL(GraphQL[Context, None]):
     ) -> None:
         super().__init__(**kwargs)
         self._deps = deps_ref
+        self._hot: HotOperations | None = None
+        self._hot_enabled = True
+        self.compiled_queries = True
+        """Answer hot `session(id)` queries with `graphql/hot.py` (on by default)."""
         self._ide_page = ide_page
         self.max_ws_message_bytes = max_ws_message_bytes
         self.stream_heartbeat = stream_heartbeat
@@ -264,14 +282,88 @@ class MoraGraphQL(GraphQL[Context, None]):
         responses = self._deps().responses
         try:
             if responses is not None:
-                return await responses.serve(request, super().run)
-            return await super().run(request)
+                return await responses.serve(request, self._answer)
+            return await self._answer(request)
         except PersistedQueryError as exc:
             refused = exc.response()
             refused.headers["content-type"] = negotiate(request.headers.get("accept")) or JSON
             return refused
         except ClientDisconnect:
             return Response(status_code=499)  # gone before its body arrived: nobody to answer
+
+    async def _answer(self, request: Request) -> Response:
+        """A compiled operation's response when there is one for this request, else the
+        normal path's."""
+        response = await self._hot_response(request)
+        if response is not None:
+            return response
+        return await super().run(request)
+
+    @property
+    def hot_operations(self) -> HotOperations | None:
+        """The compiled `session(id)` queries (`graphql/hot.py`); None when they are off
+        (tracing on, or a schema without the document cache)."""
+        if self._hot is None and self._hot_enabled:
+            documents = getattr(self.schema, "documents", None)
+            if isinstance(documents, Documents) and not tracing.enabled():
+                self._hot = HotOperations(self.schema._schema, documents)  # type: ignore[attr-defined]
+            else:
+                self._hot_enabled = False
+        return self._hot
+
+    async def _hot_response(self, request: Request) -> Response | None:
+        """The response of a compiled operation; None: the normal path answers (see
+        `graphql/hot.py` for what it takes)."""
+        hot = self.hot_operations
+        if (
+            hot is None
+            or not self.compiled_queries
+            or request.method != "POST"
+            or tracing.enabled()
+        ):
+            return None
+        headers = request.headers
+        accept = headers.get("accept")
+        media_type = negotiate(accept)
+        if (
+            media_type is None
+            or stream_protocol(accept) is not None
+            or not _json_content(headers.get("content-type"))
+        ):
+            return None
+        try:
+            data = orjson.loads(await request.body())
+        except orjson.JSONDecodeError:
+            return None
+        if type(data) is not dict or not _PLAIN_REQUEST_KEYS.issuperset(data):
+            return None
+        query = data.get("query")
+        name = data.get("operationName")
+        variables = data.get("variables")
+        if (
+            type(query) is not str
+            or (name is not None and type(name) is not str)
+            or (variables is not None and type(variables) is not dict)
+        ):
+            return None
+        deps = self._deps()
+        if deps.persisted is not None and deps.persisted.mode == "allowlist":
+            return None  # the allow-list decides on every request
+        operation = hot.get(query, name, variables)
+        if operation is None:
+            return None
+        session_id = operation.session_id(variables)
+        if session_id is None or unusable_text(name, variables) is not None:
+            return None
+        context = Context(deps=deps, request=request, recorder=current_recorder())
+        try:
+            row = await find_session(context, session_id)
+            value = operation.spec.complete(Session.of(row) if row else None)
+            body = orjson.dumps({"data": {operation.response_name: value}})
+        except Exception:
+            return None  # errors and unusual values: the normal path answers from the start
+        hot.served += 1
+        return Response(body, media_type=media_type)
 
     def parse_json(self, data: str | bytes) -> dict[str, object] | list[object]:
         parsed = super().parse_json(data)

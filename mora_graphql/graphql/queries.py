@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from mora_graphql.auth.service import AuthService
 from mora_graphql.db import Reader, run_read
 from mora_graphql.errors import BadUserInput
-from mora_graphql.graphql.context import Info
+from mora_graphql.graphql.context import Context, Info
 from mora_graphql.graphql.response_cache import list_tag, session_tag, user_tag
 from mora_graphql.graphql.types import (
     HEAVY_FIELDS,
@@ -31,6 +31,7 @@ from mora_graphql.graphql.types import (
     user_type,
 )
 from mora_graphql.models import SessionStatus
+from mora_graphql.sessions.repository import SessionRow
 from mora_graphql.sessions.service import parse_id
 
 T = TypeVar("T")
@@ -47,6 +48,23 @@ async def _read(info: Info, read: Callable[[AsyncSession], Awaitable[T]]) -> T:
 async def _select(info: Info, read: Callable[[Reader], Awaitable[T]]) -> T:
     """A read through the context's `Reader` (which keeps its pool sound when cancelled)."""
     return await read(info.context.deps.reader)
+
+
+async def find_session(context: Context, session_id: str) -> SessionRow | None:
+    """`session(id)`'s read, shared with its compiled form (`graphql/hot.py`): the caller's
+    session or None; raises without a valid token. Records what the response cache needs."""
+    service = context.session_service()
+    recorder = context.recorder
+    if recorder is not None:
+        ident = parse_id(session_id)
+        if ident is None:
+            recorder.forbid()
+        else:
+            await recorder.depend(session_tag(ident))
+    row = await service.find(context.deps.reader, session_id)
+    if recorder is not None:
+        recorder.saw(row.status if row else None)
+    return row
 
 
 def _field_names(
@@ -101,17 +119,7 @@ def _unselected_heavy_columns(info: Info) -> list[str]:
 class Query:
     @strawberry.field(description="Null when the session does not exist or is not yours.")
     async def session(self, info: Info, id: strawberry.ID) -> Session | None:
-        service = info.context.session_service()
-        recorder = info.context.recorder
-        if recorder is not None:
-            ident = parse_id(id)
-            if ident is None:
-                recorder.forbid()
-            else:
-                await recorder.depend(session_tag(ident))
-        row = await _select(info, lambda reader: service.find(reader, id))
-        if recorder is not None:
-            recorder.saw(row.status if row else None)
+        row = await find_session(info.context, id)
         return Session.of(row) if row else None
 
     @strawberry.field(description="Your sessions, newest first.")

@@ -26,6 +26,7 @@ enter such a list without any of the writes above), and the body has no errors.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import datetime as dt
 import hashlib
@@ -146,6 +147,9 @@ class RedisEpochs:
         self.ttl = ttl
         self.prefix = prefix
         self._snapshot = redis.register_script(_SNAPSHOT)
+        self._waiting: list[tuple[Sequence[str], asyncio.Future[list[int] | None]]] = []
+        self._taking: list[tuple[Sequence[str], asyncio.Future[list[int] | None]]] = []
+        self._reader: asyncio.Task[None] | None = None
 
     async def snapshot(self, tags: Sequence[str]) -> list[int] | None:
         starts = [secrets.randbits(52) for _ in tags]
@@ -159,12 +163,62 @@ class RedisEpochs:
         return [int(value) for value in values]
 
     async def read(self, tags: Sequence[str]) -> list[int] | None:
+        """Joined with the other reads waiting to be sent: one MGET for all of them. A read
+        never joins an MGET already sent (it waits for the next one), so it sees every bump
+        that returned before it started."""
+        waiter: asyncio.Future[list[int] | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((tags, waiter))
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read_waiting())
+            self._reader.add_done_callback(self._abandon)
+        return await waiter
+
+    async def _read_waiting(self) -> None:
         try:
-            values = await self.redis.mget([self.prefix + tag for tag in tags])
-        except RedisError as exc:
-            log.warning("response cache: epochs unavailable", error=type(exc).__name__)
-            return None
-        return [int(value) if value is not None else -1 for value in values]
+            while self._waiting:
+                self._taking, self._waiting = self._waiting, []
+                keys = list(
+                    dict.fromkeys(self.prefix + tag for tags, _ in self._taking for tag in tags)
+                )
+                try:
+                    values = await self.redis.mget(keys)
+                except RedisError as exc:
+                    log.warning("response cache: epochs unavailable", error=type(exc).__name__)
+                    for _tags, waiter in self._taking:
+                        if not waiter.done():
+                            waiter.set_result(None)
+                    continue
+                current = dict(zip(keys, values, strict=True))
+                for tags, waiter in self._taking:
+                    if waiter.done():
+                        continue
+                    try:
+                        epochs = [_epoch(current[self.prefix + tag]) for tag in tags]
+                    except ValueError as exc:
+                        waiter.set_exception(exc)
+                    else:
+                        waiter.set_result(epochs)
+        except Exception as exc:
+            for _tags, waiter in [*self._taking, *self._waiting]:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            self._waiting = []
+        finally:
+            self._reader = None  # in the step that last found nothing waiting
+
+    def _abandon(self, task: asyncio.Task[None]) -> None:
+        """Reads still waiting for a reader that was cancelled (the loop is closing, possibly
+        before it started) are cancelled, as they would have been on their own."""
+        if not task.cancelled():
+            return
+        for _tags, waiter in self._taking:
+            waiter.cancel()
+        if self._reader is task:
+            self._reader = None
+        if self._reader is None:
+            for _tags, waiter in self._waiting:
+                waiter.cancel()
+            self._waiting = []
 
     async def bump(self, tags: Sequence[str]) -> None:
         for attempt in range(3):
@@ -182,6 +236,10 @@ class RedisEpochs:
                     tags=list(tags),
                     error=type(exc).__name__,
                 )
+
+
+def _epoch(value: bytes | str | None) -> int:
+    return int(value) if value is not None else -1
 
 
 @dataclass(frozen=True, slots=True)
