@@ -263,6 +263,7 @@ def mora_env(extra: dict[str, str]) -> dict[str, str]:
         "REDIS_URL": REDIS_URL,
         "LOG_LEVEL": "WARNING",
         "RATE_LIMIT_PER_IP": "100000000/minute",
+        "REGISTER_RATE_LIMIT_PER_IP": "100000/hour",  # one account per run, many runs an hour
         "ACCESS_TOKEN_TTL": "3600",
         "GRAPHIQL": "false",
         "JOB_BACKEND": "procrastinate",
