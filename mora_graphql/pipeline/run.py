@@ -75,6 +75,13 @@ class RunOutcome:
     recheck_in: float | None = None
 
 
+FINISHING_RUNS = 4
+"""Runs of one process making the writes that follow their code stream at once (the stage
+change, the timeline event, the cached result, the terminal write). When hundreds of runs end
+together, the tokens of the runs still streaming then wait behind the steps of a few of them,
+not of all; the model's timeline request itself is never held back."""
+
+
 class PipelineRunner:
     """Runs sessions; every outcome but parking ends in exactly one terminal write and event."""
 
@@ -83,6 +90,13 @@ class PipelineRunner:
         settings = deps.settings
         self.checkpoints = RateBudget(settings.checkpoint_interval, settings.checkpoint_rate)
         self.flushes = RateBudget(settings.delta_flush_interval, settings.delta_flush_rate)
+        self._finishing: asyncio.Semaphore | None = None
+
+    def finishing(self) -> asyncio.Semaphore:
+        """The gate of the writes after a run's code stream (see FINISHING_RUNS)."""
+        if self._finishing is None:
+            self._finishing = asyncio.Semaphore(FINISHING_RUNS)
+        return self._finishing
 
     async def run(
         self, session_id: uuid.UUID, stopping: Callable[[], bool] | None = None
@@ -223,15 +237,18 @@ class PipelineRunner:
         recorder = run.recorder
         with span("mora.generate_code", language=run.row.language):
             code, check = await generate_code(run, transcript)
-        await recorder.stage_changed(
-            PipelineStage.BUILDING_TIMELINE, PROGRESS_CODE_DONE, generated_code=code
-        )
+        async with self.finishing():
+            await recorder.stage_changed(
+                PipelineStage.BUILDING_TIMELINE, PROGRESS_CODE_DONE, generated_code=code
+            )
         with span("mora.build_timeline"):
             timeline = await build_timeline(run, transcript, code)
         recorder.advance(PROGRESS_TIMELINE_DONE)
-        await recorder.timeline_ready(timeline)
-        if key is not None:
-            await self.deps.cache.store_result(key, CachedResult(code, timeline, check_json(check)))
-        await recorder.complete(
-            timeline=timeline, code_check=check_json(check), usage=usage_json(run.usage)
-        )
+        async with self.finishing():
+            await recorder.timeline_ready(timeline)
+            if key is not None:
+                result = CachedResult(code, timeline, check_json(check))
+                await self.deps.cache.store_result(key, result)
+            await recorder.complete(
+                timeline=timeline, code_check=check_json(check), usage=usage_json(run.usage)
+            )
