@@ -55,6 +55,7 @@ from graphql import (
     IntValueNode,
     NullValueNode,
     OperationDefinitionNode,
+    OperationType,
     SelectionSetNode,
     StringValueNode,
     get_nullable_type,
@@ -494,6 +495,26 @@ class PlainDataExecutor(StrawberryGraphQLCoreExecutionContext):
             if spec is not None:  # (a value of a type left out is completed by graphql-core)
                 by_class[definition.origin] = spec
         return _Abstract(nullable, by_class) if by_class else None
+
+
+def only_root_field(
+    operation: OperationDefinitionNode, kind: OperationType, name: str
+) -> FieldNode | None:
+    """The operation's only root selection, when the operation is a `kind` and that selection
+    is the field `name`, neither with directives (compiled operations start from it)."""
+    if operation.operation is not kind or operation.directives:
+        return None
+    selections = operation.selection_set.selections
+    if len(selections) != 1:
+        return None
+    field = selections[0]
+    if not isinstance(field, FieldNode) or field.name.value != name or field.directives:
+        return None
+    return field
+
+
+def response_name(field: FieldNode) -> str:
+    return field.alias.value if field.alias else field.name.value
 
 
 Spec = _Spec

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
-from graphql import FieldNode, GraphQLError, OperationType, parse, validate
+from graphql import OperationType
 from graphql.execution.collect_fields import FieldDetails
 from strawberry.types import ExecutionResult
 from strawberry.utils.aio import aclosing
@@ -47,9 +47,15 @@ from mora_graphql.events.stream import (
     snapshot,
 )
 from mora_graphql.events.types import SessionEvent
-from mora_graphql.graphql.execution import PlainDataExecutor, Spec
+from mora_graphql.graphql.execution import (
+    PlainDataExecutor,
+    Spec,
+    only_root_field,
+    response_name,
+)
 from mora_graphql.graphql.fanout import SHARED_EVENTS
 from mora_graphql.graphql.frames import Frames, encode_payload
+from mora_graphql.graphql.limits import Documents
 from mora_graphql.metrics import EVENT_EXECUTIONS, SUBSCRIBER_CATCH_UPS, SUBSCRIPTIONS
 from mora_graphql.tracing import enabled as tracing_enabled
 
@@ -740,38 +746,28 @@ def compile_events(
     and whose selection is plain data; None otherwise, or while tracing (its field spans come
     from an execution)."""
     graphql_schema = getattr(schema, "_schema", None)
-    if tracing_enabled() or graphql_schema is None or graphql_schema.subscription_type is None:
+    documents = getattr(schema, "documents", None)  # parsed and validated when subscribed
+    if (
+        tracing_enabled()
+        or not isinstance(documents, Documents)
+        or graphql_schema is None
+        or graphql_schema.subscription_type is None
+    ):
         return None
-    try:
-        document = parse(query)
-    except GraphQLError:
-        return None
-    if validate(graphql_schema, document):
+    entry = documents.parse(query)
+    if entry is None or documents.errors(graphql_schema, entry):
         return None
     executor = PlainDataExecutor.build(
-        graphql_schema, document, raw_variable_values=variables, operation_name=operation_name
+        graphql_schema, entry.document, raw_variable_values=variables, operation_name=operation_name
     )
     if not isinstance(executor, PlainDataExecutor) or not executor.plans_shared:
         return None
-    operation = executor.operation
-    selections = operation.selection_set.selections
-    if operation.operation is not OperationType.SUBSCRIPTION or len(selections) != 1:
-        return None
-    field = selections[0]
-    if (
-        not isinstance(field, FieldNode)
-        or field.name.value != "sessionProgress"
-        or field.directives
-        or operation.directives
-    ):
-        return None
+    field = only_root_field(executor.operation, OperationType.SUBSCRIPTION, "sessionProgress")
     field_def = graphql_schema.subscription_type.fields.get("sessionProgress")
-    if field_def is None:
+    if field is None or field_def is None:
         return None
     spec = executor.type_plan(field_def.type, [FieldDetails(field, None)])
-    if spec is None:
-        return None
-    return CompiledEvents(field.alias.value if field.alias else field.name.value, spec)
+    return None if spec is None else CompiledEvents(response_name(field), spec)
 
 
 def shared_execution(

@@ -39,7 +39,12 @@ from graphql import (
 from graphql.execution.collect_fields import FieldDetails
 from strawberry.types.field import StrawberryField
 
-from mora_graphql.graphql.execution import PlainDataExecutor, Spec
+from mora_graphql.graphql.execution import (
+    PlainDataExecutor,
+    Spec,
+    only_root_field,
+    response_name,
+)
 from mora_graphql.graphql.limits import Documents
 from mora_graphql.graphql.queries import Query
 
@@ -140,25 +145,14 @@ class HotOperations:
         spec = executor.type_plan(field_def.type, [FieldDetails(field, None)])
         if spec is None:
             return None
-        name = field.alias.value if field.alias else field.name.value
-        return HotOperation(name, variable, literal, spec)
+        return HotOperation(response_name(field), variable, literal, spec)
 
 
 def _root_session_field(operation: OperationDefinitionNode) -> FieldNode | None:
     """The query's only root selection when it is `session(id: ...)` without directives."""
-    if operation.operation is not OperationType.QUERY or operation.directives:
-        return None
-    selections = operation.selection_set.selections
-    if len(selections) != 1:
-        return None
-    field = selections[0]
-    if (
-        not isinstance(field, FieldNode)
-        or field.name.value != "session"
-        or field.directives
-        or len(field.arguments or ()) != 1
-        or (field.arguments or ())[0].name.value != "id"
-    ):
+    field = only_root_field(operation, OperationType.QUERY, "session")
+    arguments = (field.arguments or ()) if field is not None else ()
+    if len(arguments) != 1 or arguments[0].name.value != "id":
         return None
     return field
 
