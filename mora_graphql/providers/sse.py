@@ -6,13 +6,16 @@ Failures while reading are raised as the OpenAI SDK's own exception types, as it
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing, nullcontext
+from functools import partial
 
 import anyio
 import httpx
 import httpx2
 import openai
+
+from mora_graphql.providers.transport import raw_reader
 
 # What the SDK's own stream iterator maps to APITimeoutError / APIConnectionError while it
 # reads the body (legacy httpx included, since callers may pass an httpx client).
@@ -33,17 +36,21 @@ async def sse_data(response: httpx2.Response) -> AsyncGenerator[list[bytes], Non
     body at a time (never an empty list); transport failures while reading are raised as the
     SDK's APITimeoutError / APIConnectionError, as its own stream does."""
     decoder = _SSEDecoder()
-    body = response.aiter_bytes()
+    read = raw_reader(response)
+    body = None
+    if read is None:
+        body = response.aiter_bytes()
+        read = partial(anext, body, b"")
     try:
-        async with aclosing(body):
-            async for raw in body:
+        async with aclosing(body) if body is not None else nullcontext():
+            while raw := await read():
                 events = decoder.feed(raw)
                 for n, data in enumerate(events):
                     if data.startswith(b"[DONE]"):
                         if n:
                             yield events[:n]
                         if response.http_version == "HTTP/1.1":
-                            await _drain(body)
+                            await _drain(read)
                         return
                 if events:
                     yield events
@@ -53,11 +60,11 @@ async def sse_data(response: httpx2.Response) -> AsyncGenerator[list[bytes], Non
         raise openai.APIConnectionError(request=response.request) from exc
 
 
-async def _drain(body: AsyncIterator[bytes]) -> None:
+async def _drain(read: Callable[[], Awaitable[bytes]]) -> None:
     """Read what follows `[DONE]` (normally just the end of the chunked body), briefly."""
     try:
         with anyio.move_on_after(_DRAIN_TIMEOUT):
-            async for _ in body:
+            while await read():
                 pass
     except _TRANSPORT_ERRORS:
         pass  # the answer is complete; the connection is simply not reused

@@ -6,10 +6,11 @@ through httpcore, h11 and anyio, and its pool checks every idle connection on ea
 and release: with hundreds of code streams in one worker that was about a third of the
 worker's CPU (`bench/llm_chunks.py`, `bench/pipeline.py`).
 
-Here a connection reads while the body's reader waits for bytes and pauses reading while it
-does not, so the tokens that arrive while a run is busy (or leaves its stream unread until its
-flush window ends) stay in the kernel and come back in one read. Idle keep-alive connections
-are kept per origin, newest first, and never scanned.
+A connection keeps reading while the body's reader is busy (or leaves its stream unread until
+its flush window ends), without waking it: what arrived meanwhile is handed over in one piece
+at its next read, without a loop turn, so a run reads in time for its delta everything that
+arrived before. Reading pauses only while more than `UNREAD_LIMIT` bytes wait. Idle keep-alive
+connections are kept per origin, newest first, and never scanned.
 
 Failures are httpx's exception types, which the SDK maps to its own.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import httptools
@@ -28,6 +29,11 @@ import httpx2
 KEEPALIVE_EXPIRY = 5.0
 """Seconds an idle connection is kept for reuse (httpcore's default)."""
 MAX_IDLE_PER_ORIGIN = 100
+RAW_BODY = "mora.raw_body"
+"""The response extension holding the body's `read()`: the bytes as received, for a reader
+that needs no content decoding and wants no iterator layers per read (see `raw_reader`)."""
+UNREAD_LIMIT = 65_536
+"""Bytes of a body received and not yet read beyond which the connection stops reading."""
 
 _Origin = tuple[bytes, bytes, int]
 
@@ -50,6 +56,7 @@ class _Connection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_done = False
         self.body: list[bytes] = []
+        self.unread = 0
         self.complete = False
         self.keep_alive = False
         self.error: Exception | None = None
@@ -74,8 +81,8 @@ class _Connection(asyncio.Protocol):
         if self._waiter is not None:
             if self.body or self.complete or self.error is not None or self.head_done:
                 self._wake()
-        elif self.body and self._transport is not None and not self._paused:
-            # Nobody is reading: leave the rest in the kernel until someone is.
+        elif self.unread > UNREAD_LIMIT and self._transport is not None and not self._paused:
+            # Nobody has read for a while: leave the rest in the kernel until someone does.
             self._paused = True
             self._transport.pause_reading()
 
@@ -103,6 +110,7 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
+        self.unread += len(body)
 
     def on_message_complete(self) -> None:
         assert self._parser is not None
@@ -146,6 +154,7 @@ class _Connection(asyncio.Protocol):
         if not body:
             return b""
         self.body = []
+        self.unread = 0
         return body[0] if len(body) == 1 else b"".join(body)
 
     def send(self, data: bytes) -> None:
@@ -167,6 +176,17 @@ class _Connection(asyncio.Protocol):
             self._transport.abort()
 
 
+def raw_reader(response: httpx2.Response) -> Callable[[], Awaitable[bytes]] | None:
+    """The `read()` of a body this transport receives, unless it is content-encoded; each
+    call returns what arrived since the last (b"" at the end). The response still closes
+    as usual, which releases the connection."""
+    read = response.extensions.get(RAW_BODY)
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if read is None or encoding not in ("", "identity"):
+        return None
+    return cast(Callable[[], Awaitable[bytes]], read)
+
+
 def _expire(waiter: asyncio.Future[None], expired: type[httpx2.TimeoutException]) -> None:
     if not waiter.done():
         waiter.set_exception(expired("timed out waiting for the LLM API"))
@@ -181,20 +201,24 @@ class _Body(httpx2.AsyncByteStream):
         self._conn: _Connection | None = conn
         self._timeout = timeout
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    async def read(self) -> bytes:
+        """What arrived since the last read, waiting for something; b"" once complete."""
         conn = self._conn
         if conn is None:
             raise httpx2.StreamClosed()
         while True:
             chunk = conn.take()
             if chunk:
-                yield chunk
-            elif conn.complete:
-                return
-            elif conn.error is not None:
+                return chunk
+            if conn.complete:
+                return b""
+            if conn.error is not None:
                 raise conn.error
-            else:
-                await conn.wait(self._timeout, httpx2.ReadTimeout)
+            await conn.wait(self._timeout, httpx2.ReadTimeout)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while chunk := await self.read():
+            yield chunk
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
@@ -251,11 +275,12 @@ class LeanTransport(httpx2.AsyncBaseTransport):
             except BaseException:
                 conn.abort()
                 raise
+            received = _Body(self, origin, conn, read_timeout)
             return httpx2.Response(
                 conn.status,
                 headers=conn.headers,
-                stream=_Body(self, origin, conn, read_timeout),
-                extensions={"http_version": b"HTTP/1.1"},
+                stream=received,
+                extensions={"http_version": b"HTTP/1.1", RAW_BODY: received.read},
                 request=request,
             )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import shutil
 import ssl
 import subprocess
@@ -15,7 +16,9 @@ import pytest
 from pydantic import SecretStr
 
 from mora_graphql.config import Settings
+from mora_graphql.providers import transport
 from mora_graphql.providers.llm import LLMChunk, LLMClient
+from mora_graphql.providers.sse import sse_data
 from mora_graphql.providers.transport import LeanTransport
 from tests.fakes.fixtures import (
     OPENAI_TEST_KEY,
@@ -279,3 +282,54 @@ async def test_what_arrives_while_the_reader_is_busy_comes_in_one_piece(
         await server.wait_closed()
     assert first + b"".join(rest) == b"".join(pieces)
     assert len(rest) <= 2, rest  # what was buffered when reading paused, then one read
+
+
+async def test_a_reader_that_does_not_read_holds_up_the_sender_beyond_the_unread_limit(
+    client: httpx2.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bytes nobody reads are buffered up to UNREAD_LIMIT, then left in the kernel: memory
+    stays bounded and the sender is slowed down, and nothing is lost."""
+    monkeypatch.setattr(transport, "UNREAD_LIMIT", 4_096)
+    pieces = [bytes([65 + n % 26]) * 1_000 for n in range(4_000)]  # 4 MB
+    paced = Paced(pieces, gap=0)
+    server = await asyncio.start_server(paced.serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with client.stream("GET", url) as response:
+            reads = response.aiter_raw()
+            first = await anext(reads)
+            await asyncio.sleep(0.3)  # the whole body would arrive meanwhile
+            held = await anext(reads)
+            rest = [chunk async for chunk in reads]
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert first + held + b"".join(rest) == b"".join(pieces)
+    # What was buffered: the limit, plus at most what one socket read brought past it.
+    assert 4_096 <= len(held) <= 4_096 + 300_000, len(held)
+
+
+async def test_the_sse_reader_uses_the_raw_body_and_decodes_a_compressed_one() -> None:
+    events = b"data: one\n\ndata: two\n\ndata: [DONE]\n\n"
+    plain = chunked(events)
+    head = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+        b"content-encoding: gzip\r\ncontent-length: %d\r\n\r\n"
+    )
+    compressed = gzip.compress(events)
+    server = await RawServer([Reply(plain), Reply(head % len(compressed) + compressed)]).start()
+    try:
+        async with httpx2.AsyncClient(transport=LeanTransport(), timeout=2.0) as http:
+            seen = []
+            for _ in range(2):
+                async with http.stream("GET", server.url) as response:
+                    seen.append(
+                        (
+                            transport.raw_reader(response) is not None,
+                            [data async for read in sse_data(response) for data in read],
+                        )
+                    )
+    finally:
+        await server.stop()
+    assert seen == [(True, [b"one", b"two"]), (False, [b"one", b"two"])]
+    assert server.connections == 1  # both answers were read to their end: kept alive

@@ -100,6 +100,7 @@ async def collect(run: RunContext, messages: list[dict[str, str]]) -> str:
                 await run.recorder.thought(chunk.text)
             else:
                 parts.append(chunk.text)
+        await run.recorder.flush()
         return "".join(parts)
 
     return await run.retrying(attempt)
@@ -127,6 +128,9 @@ async def _stream_code(run: RunContext, messages: list[dict[str, str]]) -> str:
             await recorder.code_delta(tail)
         if not fence.exact:
             await recorder.replace_code(fence.result)
+        # Nothing more can join the last delta: publish it now, not at the end of its window,
+        # by which time the ends of other runs (checks, timelines) may hold up the loop.
+        await recorder.flush()
         return fence.result
 
     return await run.retrying(attempt)
