@@ -8,6 +8,7 @@ queues), never the whole.
 from __future__ import annotations
 
 import asyncio
+import gc
 from dataclasses import dataclass
 from typing import Literal
 
@@ -187,3 +188,17 @@ async def build_runtime(settings: Settings, *, role: Role = "api") -> Runtime:
             name="session-reconciler",
         )
     return runtime
+
+
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def freeze_heap() -> None:
+    """Once a process has built its runtime: move every object built so far into the garbage
+    collector's permanent generation (`gc.freeze`), and collect the young generation less
+    often. Full collections then walk what the process allocates while it serves, not the
+    modules, schema and clients of its start-up, which paused the event loop for hundreds of
+    milliseconds (`mora serve`) and cost a worker streaming hundreds of sessions CPU."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])

@@ -14,7 +14,7 @@ from mora_graphql.config import Settings
 from mora_graphql.jobs.procrastinate_queue import ProcrastinateQueue, retry_stalled_jobs
 from mora_graphql.jobs.reconcile import requeue_orphans
 from mora_graphql.metrics import STALLED_JOBS_RETRIED
-from mora_graphql.runtime import build_runtime
+from mora_graphql.runtime import build_runtime, freeze_heap
 from mora_graphql.tracing import setup as setup_tracing
 from mora_graphql.tracing import untraced
 
@@ -67,6 +67,7 @@ async def _work(settings: Settings, queue: ProcrastinateQueue, name: str) -> Non
 async def run_worker(settings: Settings) -> None:
     setup_tracing("mora-worker")
     runtime = await build_runtime(settings, role="worker")
+    freeze_heap()
     queue = runtime.queue
     assert isinstance(queue, ProcrastinateQueue)
     name = f"mora-{socket.gethostname()}-{os.getpid()}"

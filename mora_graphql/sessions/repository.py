@@ -58,6 +58,17 @@ _UPDATE_RUN = (
 )
 """A write of one run (`SessionRepository.update_run`): Core, since a run makes one at every
 checkpoint and the ORM's bulk-update path costs several times the statement itself."""
+
+
+@lru_cache(maxsize=64)
+def _update_run_statement(columns: tuple[str, ...]) -> Any:
+    """`_UPDATE_RUN` setting `columns` from bind parameters `set_<column>`: one statement
+    object per set of columns, so SQLAlchemy computes its cache key once, not per write."""
+    return _UPDATE_RUN.values(
+        {name: bindparam(f"set_{name}", type_=SESSIONS.c[name].type) for name in columns}
+    )
+
+
 _READ_ANY = select(*SESSIONS.c).where(SESSIONS.c.id == bindparam("id"))
 _READ_OWNED = _READ_ANY.where(SESSIONS.c.owner_id == bindparam("owner"))
 
@@ -183,9 +194,10 @@ class SessionRepository:
         session). None when it does not hold it any more, else whether a cancel was asked."""
         values.setdefault("updated_at", utcnow())
         conn = await self.session.connection()
+        params = {f"set_{name}": value for name, value in values.items()}
         result = await conn.execute(
-            _UPDATE_RUN.values(**values),
-            {"run_id": session_id, "run_attempt": attempt},
+            _update_run_statement(tuple(sorted(values))),
+            {"run_id": session_id, "run_attempt": attempt, **params},
         )
         found = result.scalar_one_or_none()
         return None if found is None else bool(found)
