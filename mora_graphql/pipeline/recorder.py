@@ -82,10 +82,26 @@ class RateBudget:
     process streams; with one, a lone session keeps the short interval (tokens reach its
     subscribers at once) and a busy process coalesces more per event."""
 
-    def __init__(self, interval: float, rate: float) -> None:
+    def __init__(self, interval: float, rate: float, *, burst: float = 0.1) -> None:
         self.base = interval
         self.rate = rate
+        self.burst = burst
         self.runs = 0
+        self._next_free = 0.0
+
+    def admit(self) -> bool:
+        """Whether one more may happen now: the runs' periodic work (a checkpoint) goes at
+        `rate` a second, at most `rate * burst` at once. Runs that became due together (e.g.
+        every stream of a busy process starting in the same second) are spread out instead of
+        all writing in one loop turn; a run not admitted tries again at its next token."""
+        if self.rate <= 0:
+            return True
+        now = time.monotonic()
+        start = max(self._next_free, now)
+        if start - now > self.burst:
+            return False
+        self._next_free = start + 1 / self.rate
+        return True
 
     @property
     def interval(self) -> float:
@@ -512,6 +528,9 @@ class SessionRecorder:
         now = time.monotonic()
         if not force:
             if now - self._last_checkpoint < self.checkpoint_interval or self._storing:
+                return
+            budget = self.pacing.checkpoints
+            if budget is not None and not budget.admit():
                 return
             self._last_checkpoint = now
             async with self._lock:

@@ -5,6 +5,7 @@ Real SQLite/PostgreSQL and both buses (memory, Redis); nothing is mocked."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -247,6 +248,46 @@ async def test_many_runs_share_the_checkpoint_budget(db: Database) -> None:
         assert await recorder.complete()
         row = await row_of(db, recorder.session_id)
         assert rebuilt(await events_of(bus, recorder.session_id)) == row.generated_code
+
+
+def test_the_budget_admits_its_rate_in_a_steady_flow() -> None:
+    budget = RateBudget(interval=1.0, rate=20, burst=0.12)
+    assert [budget.admit() for _ in range(5)] == [True, True, True, False, False]
+    time.sleep(0.06)
+    assert [budget.admit() for _ in range(2)] == [True, False]
+    assert all(RateBudget(interval=1.0, rate=0).admit() for _ in range(100))
+
+
+async def test_runs_due_together_spread_their_checkpoints(db: Database) -> None:
+    """Runs whose checkpoints fall due in the same instant (streams that started together)
+    write them in a steady flow at the process's rate, not all in one loop turn."""
+    bus = MemoryEventBus()
+    budget = RateBudget(interval=0.1, rate=20, burst=0.05)
+    sessions = [await new_session(db) for _ in range(10)]
+    with contextlib.ExitStack() as running:
+        for _ in sessions:
+            running.enter_context(budget.running())
+        assert budget.interval == 0.5
+        recorders = [
+            await begin(db, bus, sid, flush_interval=0, checkpoints=budget) for sid in sessions
+        ]
+
+        async def stored() -> int:
+            rows = [await row_of(db, sid) for sid in sessions]
+            return sum(1 for row in rows if row.generated_code)
+
+        await asyncio.sleep(0.5)  # every run's first checkpoint is due
+        for recorder in recorders:
+            await recorder.code_delta("first ")
+        await asyncio.sleep(0.05)
+        assert 1 <= await stored() <= 3
+        for _ in range(40):  # a token every 20 ms: the others are admitted one by one
+            for recorder in recorders:
+                await recorder.code_delta("t ")
+            await asyncio.sleep(0.02)
+        assert await stored() == len(sessions)
+    for recorder in recorders:
+        assert await recorder.complete()
 
 
 async def test_many_runs_coalesce_over_a_longer_window(db: Database) -> None:
