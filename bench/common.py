@@ -59,9 +59,28 @@ def load() -> str:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, from /proc/<pid>/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """User + system CPU time of a server process and of its live descendants (a pool of
+    processes it hands CPU-bound work to), from /proc; of this process alone."""
+    total = 0.0
+    for member in [pid] if pid == os.getpid() else [pid, *descendants(pid)]:
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
+def descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            kids = [int(kid) for kid in children.read_text().split()]
+        except FileNotFoundError:
+            continue
+        for kid in kids:
+            found += [kid, *descendants(kid)]
+    return found
 
 
 def rss_bytes(pid: int) -> int:

@@ -10,14 +10,13 @@ there, not on the loop.
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import os
-import threading
 from concurrent.futures import ProcessPoolExecutor
-from multiprocessing.connection import wait
 
 from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
+
+from mora_graphql.processes import process_pool
 
 PARALLELISM = 1
 """argon2 lanes of a new hash; a stored hash is verified with the lanes it was made with."""
@@ -41,31 +40,11 @@ def _verify(password: str, password_hash: str | None) -> bool:
     return _hasher.verify(password, password_hash)
 
 
-def _exit_with_parent() -> None:
-    """A pool process holds both ends of its own call queue, so it never sees the parent go:
-    when the parent is killed (SIGKILL skips every shutdown), the process would live on with
-    multiprocessing's resource tracker. It waits on the parent's sentinel instead and exits."""
-    parent = multiprocessing.parent_process()
-    if parent is None or parent.sentinel is None:
-        return
-    sentinel = parent.sentinel
-
-    def watch() -> None:
-        wait([sentinel])
-        os._exit(0)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
 def _executor() -> ProcessPoolExecutor:
-    """Started on first use, with `spawn`: never a fork of a process running threads."""
+    """Started on first use."""
     global _pool
     if _pool is None:
-        _pool = ProcessPoolExecutor(
-            max_workers=max(1, (os.cpu_count() or 2) - 1),
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_exit_with_parent,
-        )
+        _pool = process_pool(max(1, (os.cpu_count() or 2) - 1))
     return _pool
 
 

@@ -67,6 +67,13 @@ def strip_code_fences(text: str) -> str:
     return _trim("\n".join(line for line in lines if not _is_fence(line)))
 
 
+LOOKAHEAD_LINES = 3
+"""Lines a streamed reply's start is held for while it may still be prose before a fence.
+Code the model was asked to send bare waits that long before its first line is released (at
+50 tokens/s, six lines held the first lines of every session for about 150 ms); a preamble
+("Here is the code:") longer than this ends in a reset and the whole code instead."""
+
+
 class StreamingFenceFilter:
     """Incremental `strip_code_fences` for a streamed reply.
 
@@ -86,7 +93,7 @@ class StreamingFenceFilter:
     - plain code released before a fence line, followed by a non-empty fenced block.
     """
 
-    def __init__(self, lookahead_lines: int = 6) -> None:
+    def __init__(self, lookahead_lines: int = LOOKAHEAD_LINES) -> None:
         self.lookahead_lines = lookahead_lines
         self._raw: list[str] = []
         self._emitted: list[str] = []

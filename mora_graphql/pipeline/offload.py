@@ -1,29 +1,40 @@
 """The CPU-bound steps of runs (code checks, timeline prompts and alignment) off the event loop.
 
-They share one thread. In CPython 3.11 `ast.parse` is not safe in two threads at once (it
-raised SystemError "AST constructor recursion depth mismatch"), and every thread doing Python
-work competes with the event loop for the GIL: with one, the loop streaming the other sessions'
-tokens waits at most one switch interval for it, however many runs end together. The steps of
-runs ending together queue here instead.
+They run in one separate process. `ast.parse` holds the GIL for the whole parse (4 ms for 500
+lines), so on a thread of the process the loop streaming the other sessions' tokens stopped
+for as long: when 200 runs of a worker ended together their checks alone held it up for most
+of a second, and the last tokens of every run waited behind them (distributed bench). In a
+process they use the other core, and the steps of runs ending together queue there. The steps
+are plain functions of plain data (no logging, no spans), so nothing of the run's context is
+lost on the way.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from typing import ParamSpec, TypeVar
+
+from mora_graphql.processes import process_pool
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
-_RUN_CPU = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mora-run-cpu")
+_pool: ProcessPoolExecutor | None = None
+
+
+def _executor() -> ProcessPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = process_pool(1)
+    return _pool
 
 
 async def off_loop(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-    """`fn(*args, **kwargs)` on the runs' CPU thread, in this context (as `asyncio.to_thread`:
-    log fields and trace spans carry over)."""
-    call = partial(contextvars.copy_context().run, fn, *args, **kwargs)
-    return await asyncio.get_running_loop().run_in_executor(_RUN_CPU, call)
+    """`fn(*args, **kwargs)` in the runs' CPU process: `fn`, its arguments and its result
+    must pickle."""
+    return await asyncio.get_running_loop().run_in_executor(
+        _executor(), partial(fn, *args, **kwargs)
+    )

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mora_graphql.pipeline.code import (
+    LOOKAHEAD_LINES,
     StreamingFenceFilter,
     check_code,
     split_code_lines,
@@ -182,6 +183,15 @@ def test_streaming_filter_plain_code_after_lookahead() -> None:
     out = fence_filter.feed("a = 1\nb = 2\nc = 3\nd")
     assert out == "a = 1\nb = 2\nc = 3\nd"
     assert out + fence_filter.finish() == "a = 1\nb = 2\nc = 3\nd"
+
+
+def test_bare_code_waits_only_for_the_default_lookahead() -> None:
+    fence_filter = StreamingFenceFilter()
+    lines = [f"x{n} = {n}\n" for n in range(LOOKAHEAD_LINES + 2)]
+    released = [fence_filter.feed(line) for line in lines]
+    assert released[:LOOKAHEAD_LINES] == [""] * LOOKAHEAD_LINES
+    assert released[LOOKAHEAD_LINES] == "".join(lines[: LOOKAHEAD_LINES + 1]).rstrip()
+    assert "".join(released) + fence_filter.finish() == "".join(lines).rstrip()
 
 
 def test_streaming_filter_reports_divergence() -> None:
