@@ -264,24 +264,32 @@ class Paced:
         writer.close()
 
 
-async def test_what_arrives_while_the_reader_is_busy_comes_in_one_piece(
-    client: httpx2.AsyncClient,
-) -> None:
-    pieces = [b"piece %d;" % n for n in range(20)]
-    paced = Paced(pieces, gap=0.002)
+async def read_while_busy(
+    client: httpx2.AsyncClient, pieces: list[bytes], gap: float
+) -> tuple[bytes, list[bytes]]:
+    """The body's first read, then (after 0.3 s busy, while the rest arrives) every later
+    read, one by one."""
+    paced = Paced(pieces, gap=gap)
     server = await asyncio.start_server(paced.serve, "127.0.0.1", 0)
     url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     try:
         async with client.stream("GET", url) as response:
             reads = response.aiter_raw()
             first = await anext(reads)
-            await asyncio.sleep(0.3)  # busy: the rest arrives meanwhile
+            await asyncio.sleep(0.3)
             rest = [chunk async for chunk in reads]
     finally:
         server.close()
         await server.wait_closed()
     assert first + b"".join(rest) == b"".join(pieces)
-    assert len(rest) <= 2, rest  # what was buffered when reading paused, then one read
+    return first, rest
+
+
+async def test_what_arrives_while_the_reader_is_busy_comes_in_one_piece(
+    client: httpx2.AsyncClient,
+) -> None:
+    _first, rest = await read_while_busy(client, [b"piece %d;" % n for n in range(20)], 0.002)
+    assert len(rest) <= 2, rest  # what was buffered, then what came after that read
 
 
 async def test_a_reader_that_does_not_read_holds_up_the_sender_beyond_the_unread_limit(
@@ -291,22 +299,9 @@ async def test_a_reader_that_does_not_read_holds_up_the_sender_beyond_the_unread
     stays bounded and the sender is slowed down, and nothing is lost."""
     monkeypatch.setattr(transport, "UNREAD_LIMIT", 4_096)
     pieces = [bytes([65 + n % 26]) * 1_000 for n in range(4_000)]  # 4 MB
-    paced = Paced(pieces, gap=0)
-    server = await asyncio.start_server(paced.serve, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    try:
-        async with client.stream("GET", url) as response:
-            reads = response.aiter_raw()
-            first = await anext(reads)
-            await asyncio.sleep(0.3)  # the whole body would arrive meanwhile
-            held = await anext(reads)
-            rest = [chunk async for chunk in reads]
-    finally:
-        server.close()
-        await server.wait_closed()
-    assert first + held + b"".join(rest) == b"".join(pieces)
+    _first, rest = await read_while_busy(client, pieces, 0)
     # What was buffered: the limit, plus at most what one socket read brought past it.
-    assert 4_096 <= len(held) <= 4_096 + 300_000, len(held)
+    assert 4_096 <= len(rest[0]) <= 4_096 + 300_000, len(rest[0])
 
 
 async def test_the_sse_reader_uses_the_raw_body_and_decodes_a_compressed_one() -> None:
