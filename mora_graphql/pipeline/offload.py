@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from typing import ParamSpec, TypeVar
 
@@ -34,7 +35,16 @@ def _executor() -> ProcessPoolExecutor:
 
 async def off_loop(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """`fn(*args, **kwargs)` in the runs' CPU process: `fn`, its arguments and its result
-    must pickle."""
-    return await asyncio.get_running_loop().run_in_executor(
-        _executor(), partial(fn, *args, **kwargs)
-    )
+    must pickle. A process that died (killed, out of memory) is replaced, and the call made
+    once more in the new one."""
+    global _pool
+    call = partial(fn, *args, **kwargs)
+    loop = asyncio.get_running_loop()
+    pool = _executor()
+    try:
+        return await loop.run_in_executor(pool, call)
+    except BrokenProcessPool:
+        if _pool is pool:
+            _pool = None
+            pool.shutdown(wait=False)
+        return await loop.run_in_executor(_executor(), call)

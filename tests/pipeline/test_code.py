@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mora_graphql.pipeline import offload
 from mora_graphql.pipeline.code import (
     LOOKAHEAD_LINES,
     StreamingFenceFilter,
@@ -297,3 +298,16 @@ async def test_many_runs_check_their_code_at_once() -> None:
     )
     assert [check.ok for check in checks] == [n % 7 != 0 for n in range(60)]
     assert {check.line for check in checks if not check.ok} == {801}
+
+
+async def test_a_dead_check_process_is_replaced() -> None:
+    """The runs' CPU process killed (e.g. by the out-of-memory killer) costs no run its check:
+    the call is made again in a new process."""
+    assert (await checked("x = 1\n", "python")).ok
+    pool = offload._pool
+    assert pool is not None
+    for process in list(pool._processes.values()):
+        process.kill()
+        process.join()
+    assert (await checked("x = 2\n", "python")).ok
+    assert offload._pool is not None and offload._pool is not pool
