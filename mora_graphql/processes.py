@@ -3,11 +3,19 @@ thread it would stall the event loop of the process for as long as it runs."""
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 from multiprocessing.connection import wait
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 def _exit_with_parent() -> None:
@@ -26,11 +34,34 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def process_pool(workers: int) -> ProcessPoolExecutor:
-    """Processes started with `spawn` (never a fork of a process running threads) on first
-    use, each exiting with its parent."""
-    return ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_exit_with_parent,
-    )
+class ProcessLane:
+    """`workers` processes started with `spawn` (never a fork of a process running threads) on
+    first use, each exiting with its parent. A pool whose process died (killed, out of memory)
+    is replaced, and the call made once more in the new one."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_exit_with_parent,
+            )
+        return self._pool
+
+    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """`fn(*args, **kwargs)` in one of the processes: `fn`, its arguments and its result
+        must pickle."""
+        call = partial(fn, *args, **kwargs)
+        loop = asyncio.get_running_loop()
+        pool = self._executor()
+        try:
+            return await loop.run_in_executor(pool, call)
+        except BrokenProcessPool:
+            if self._pool is pool:
+                self._pool = None
+                pool.shutdown(wait=False)
+            return await loop.run_in_executor(self._executor(), call)

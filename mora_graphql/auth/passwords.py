@@ -9,21 +9,19 @@ there, not on the loop.
 
 from __future__ import annotations
 
-import asyncio
 import os
-from concurrent.futures import ProcessPoolExecutor
 
 from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
 
-from mora_graphql.processes import process_pool
+from mora_graphql.processes import ProcessLane
 
 PARALLELISM = 1
 """argon2 lanes of a new hash; a stored hash is verified with the lanes it was made with."""
 
 _hasher = PasswordHash((Argon2Hasher(parallelism=PARALLELISM),))
 _dummy_hash: str | None = None
-_pool: ProcessPoolExecutor | None = None
+_lane = ProcessLane(max(1, (os.cpu_count() or 2) - 1))
 
 
 def _hash(password: str) -> str:
@@ -40,20 +38,10 @@ def _verify(password: str, password_hash: str | None) -> bool:
     return _hasher.verify(password, password_hash)
 
 
-def _executor() -> ProcessPoolExecutor:
-    """Started on first use."""
-    global _pool
-    if _pool is None:
-        _pool = process_pool(max(1, (os.cpu_count() or 2) - 1))
-    return _pool
-
-
 async def hash_password(password: str) -> str:
-    return await asyncio.get_running_loop().run_in_executor(_executor(), _hash, password)
+    return await _lane.run(_hash, password)
 
 
 async def verify_password(password: str, password_hash: str | None) -> bool:
     """Constant work whether or not the user exists."""
-    return await asyncio.get_running_loop().run_in_executor(
-        _executor(), _verify, password, password_hash
-    )
+    return await _lane.run(_verify, password, password_hash)

@@ -11,40 +11,8 @@ lost on the way.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from functools import partial
-from typing import ParamSpec, TypeVar
+from mora_graphql.processes import ProcessLane
 
-from mora_graphql.processes import process_pool
-
-P = ParamSpec("P")
-T = TypeVar("T")
-
-_pool: ProcessPoolExecutor | None = None
-
-
-def _executor() -> ProcessPoolExecutor:
-    global _pool
-    if _pool is None:
-        _pool = process_pool(1)
-    return _pool
-
-
-async def off_loop(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-    """`fn(*args, **kwargs)` in the runs' CPU process: `fn`, its arguments and its result
-    must pickle. A process that died (killed, out of memory) is replaced, and the call made
-    once more in the new one."""
-    global _pool
-    call = partial(fn, *args, **kwargs)
-    loop = asyncio.get_running_loop()
-    pool = _executor()
-    try:
-        return await loop.run_in_executor(pool, call)
-    except BrokenProcessPool:
-        if _pool is pool:
-            _pool = None
-            pool.shutdown(wait=False)
-        return await loop.run_in_executor(_executor(), call)
+RUN_CPU = ProcessLane(1)
+off_loop = RUN_CPU.run
+"""`await off_loop(fn, *args, **kwargs)`: `fn` in the runs' CPU process."""

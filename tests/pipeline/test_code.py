@@ -304,10 +304,10 @@ async def test_a_dead_check_process_is_replaced() -> None:
     """The runs' CPU process killed (e.g. by the out-of-memory killer) costs no run its check:
     the call is made again in a new process."""
     assert (await checked("x = 1\n", "python")).ok
-    pool = offload._pool
+    pool = offload.RUN_CPU._pool
     assert pool is not None
     for process in list(pool._processes.values()):
         process.kill()
         process.join()
     assert (await checked("x = 2\n", "python")).ok
-    assert offload._pool is not None and offload._pool is not pool
+    assert offload.RUN_CPU._pool is not None and offload.RUN_CPU._pool is not pool
