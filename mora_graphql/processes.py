@@ -4,6 +4,7 @@ thread it would stall the event loop of the process for as long as it runs."""
 from __future__ import annotations
 
 import asyncio
+import importlib
 import multiprocessing
 import os
 import threading
@@ -34,6 +35,11 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def _import(modules: tuple[str, ...]) -> None:
+    for name in modules:
+        importlib.import_module(name)
+
+
 class ProcessLane:
     """`workers` processes started with `spawn` (never a fork of a process running threads) on
     first use, each exiting with its parent. A pool whose process died (killed, out of memory)
@@ -51,6 +57,15 @@ class ProcessLane:
                 initializer=_exit_with_parent,
             )
         return self._pool
+
+    def start(self, *modules: str) -> None:
+        """Start the processes now and import `modules` in them, in the background: a process
+        starting on first use costs that call its start-up (a second of CPU importing what the
+        call's pickled function and arguments need), and the runs that end together first
+        all wait behind it."""
+        pool = self._executor()
+        for _ in range(self.workers):
+            pool.submit(_import, modules)
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """`fn(*args, **kwargs)` in one of the processes: `fn`, its arguments and its result

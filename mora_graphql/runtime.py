@@ -36,6 +36,7 @@ from mora_graphql.jobs.inprocess import InProcessQueue, resume_unfinished
 from mora_graphql.jobs.reconcile import reconcile_forever
 from mora_graphql.pipeline.caching import PipelineCache
 from mora_graphql.pipeline.context import PipelineDeps
+from mora_graphql.pipeline.offload import start_run_cpu
 from mora_graphql.pipeline.run import PipelineRunner
 from mora_graphql.providers.llm import LLMClient
 from mora_graphql.providers.subtitles.chain import SubtitleSources
@@ -180,6 +181,9 @@ async def build_runtime(settings: Settings, *, role: Role = "api") -> Runtime:
     if isinstance(bus, RedisEventBus):
         with untraced():  # its reader task polls Redis forever
             await bus.start()
+    runs_jobs = role == "worker" or not settings.uses_procrastinate
+    if runs_jobs:
+        start_run_cpu()
     await queue.start()
     if not settings.uses_procrastinate and role == "api":
         await resume_unfinished(db, queue)

@@ -16,3 +16,9 @@ from mora_graphql.processes import ProcessLane
 RUN_CPU = ProcessLane(1)
 off_loop = RUN_CPU.run
 """`await off_loop(fn, *args, **kwargs)`: `fn` in the runs' CPU process."""
+RUN_CPU_MODULES = ("mora_graphql.pipeline.code", "mora_graphql.pipeline.stages.timeline")
+"""What the steps sent to `off_loop` import: loaded when a process that runs jobs starts."""
+
+
+def start_run_cpu() -> None:
+    RUN_CPU.start(*RUN_CPU_MODULES)

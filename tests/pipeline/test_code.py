@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -23,6 +24,7 @@ from mora_graphql.pipeline.prompts import (
 )
 from mora_graphql.pipeline.stages.code import checked
 from mora_graphql.pipeline.transcript import TranscriptChunk
+from mora_graphql.processes import ProcessLane
 
 PROGRAM = (
     'import os\n\n\ndef main():\n    print(os.getcwd())\n\n\nif __name__ == "__main__":\n    main()'
@@ -311,3 +313,19 @@ async def test_a_dead_check_process_is_replaced() -> None:
         process.join()
     assert (await checked("x = 2\n", "python")).ok
     assert offload.RUN_CPU._pool is not None and offload.RUN_CPU._pool is not pool
+
+
+def _imported(name: str) -> bool:
+    return name in sys.modules
+
+
+async def test_a_started_lane_has_imported_its_modules_before_the_first_call() -> None:
+    """A process that runs jobs starts the runs' CPU process with it: the first runs to end do
+    not wait for a process start and its imports."""
+    lane = ProcessLane(1)
+    lane.start("tabnanny")
+    try:
+        assert await lane.run(_imported, "tabnanny")
+        assert not await lane.run(_imported, "wave")
+    finally:
+        lane._executor().shutdown(wait=True)
