@@ -56,6 +56,9 @@ MAX_BATCH = 256
 """Events sent in one publish round trip at most."""
 MAX_IN_FLIGHT = 4
 """Publish round trips one process has in flight at once."""
+PUBLISH_LINGER = 0.005
+"""Seconds between the starts of two publish round trips at least: a publish after a quiet
+spell goes out at once, those made within this of the last round trip go out together."""
 
 FENCE_SCRIPT = """
 local fence = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -73,10 +76,12 @@ class RedisEventBus:
     Redis itself) and PUBLISHed on the same name, by one Lua script that first checks the
     session's fence (`mora:fence:{sid}`, the attempt of the run holding it): a stale run's
     events are refused atomically, in the same round trip. The publishes of all of a process's
-    runs share round trips (at most MAX_IN_FLIGHT at once): those made while they are in flight
-    go out together in the next (one script call, each event still checked against its own
-    fence), so a worker streaming many sessions makes a few round trips per flush window rather
-    than one per session, and a lone publish goes out at once. Each process keeps one pub/sub
+    runs share round trips: a publish after a quiet spell goes out at once, and those made within
+    PUBLISH_LINGER of the last round trip's start go out together at its end (one script call,
+    each event still checked against its own fence; at most MAX_IN_FLIGHT at once), so a worker
+    streaming many sessions makes at most 1 / PUBLISH_LINGER round trips a second whatever
+    the number of sessions: a round trip costs the worker about 170 µs of CPU, an event in one
+    about 20 µs (this machine). Each process keeps one pub/sub
     connection, subscribed to the sessions its clients follow; after a reconnect every local
     subscriber is told to catch up from the stream, so a dropped message never becomes a gap."""
 
@@ -91,6 +96,7 @@ class RedisEventBus:
         prefix: str = "mora:events:",
         fence_prefix: str = "mora:fence:",
         page: int = REPLAY_PAGE,
+        linger: float = PUBLISH_LINGER,
     ) -> None:
         self.redis = redis
         self.retention = retention
@@ -109,7 +115,9 @@ class RedisEventBus:
         self._closed = False
         self._outbox: list[tuple[SessionEvent, int, asyncio.Future[Published]]] = []
         self._senders: set[asyncio.Task[None]] = set()
-        self._sender_starting = False
+        self._tick: asyncio.Handle | None = None
+        self._last_send = -1e9
+        self.linger = linger
         self.reconnects = 0
         self.round_trips = 0
 
@@ -124,6 +132,9 @@ class RedisEventBus:
 
     async def close(self) -> None:
         self._closed = True
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
         for sender in list(self._senders):
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -154,39 +165,50 @@ class RedisEventBus:
     async def publish(self, event: SessionEvent, *, attempt: int) -> Published:
         outcome: asyncio.Future[Published] = asyncio.get_running_loop().create_future()
         self._outbox.append((event, attempt, outcome))
-        if not self._sender_starting and len(self._senders) < MAX_IN_FLIGHT:
-            # Publishes made before the new sender first runs go out in its first batch.
-            self._sender_starting = True
-            sender = asyncio.create_task(self._send_outbox(), name="redis-event-publisher")
-            self._senders.add(sender)
-            sender.add_done_callback(self._senders.discard)
+        if self._tick is None:
+            loop = asyncio.get_running_loop()
+            due = self._last_send + self.linger
+            if due <= loop.time():
+                self._tick = loop.call_soon(self._send_outbox)
+            else:
+                self._tick = loop.call_at(due, self._send_outbox)
         return await outcome
 
-    async def _send_outbox(self) -> None:
-        """Send what is waiting, one batch per round trip, until nothing is left."""
-        self._sender_starting = False
-        batch: list[tuple[SessionEvent, int, asyncio.Future[Published]]] = []
+    def _send_outbox(self) -> None:
+        """Send what waits, one batch per round trip; while MAX_IN_FLIGHT are in flight,
+        try again a linger later."""
+        self._tick = None
+        loop = asyncio.get_running_loop()
+        self._last_send = loop.time()
+        while self._outbox:
+            if len(self._senders) >= MAX_IN_FLIGHT:
+                self._tick = loop.call_at(self._last_send + self.linger, self._send_outbox)
+                return
+            batch, self._outbox = self._outbox[:MAX_BATCH], self._outbox[MAX_BATCH:]
+            sender = loop.create_task(self._send_batch(batch), name="redis-event-publisher")
+            self._senders.add(sender)
+            sender.add_done_callback(self._senders.discard)
+
+    async def _send_batch(
+        self, batch: list[tuple[SessionEvent, int, asyncio.Future[Published]]]
+    ) -> None:
         try:
-            while self._outbox:
-                batch, self._outbox = self._outbox[:MAX_BATCH], self._outbox[MAX_BATCH:]
-                try:
-                    outcomes = await self._publish_batch(batch)
-                except Exception as exc:
-                    for _event, _attempt, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    batch = []
-                    continue
-                for (event, _attempt, future), outcome in zip(batch, outcomes, strict=True):
-                    if outcome is Published.OK:
-                        EVENTS_PUBLISHED.labels(event.kind.value).inc()
-                    if not future.done():
-                        future.set_result(outcome)
-                batch = []
-        finally:
+            outcomes = await self._publish_batch(batch)
+        except Exception as exc:
+            for _event, _attempt, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        except BaseException:
             for _event, _attempt, future in batch:
                 if not future.done():
                     future.set_result(Published.UNAVAILABLE)
+            raise
+        for (event, _attempt, future), outcome in zip(batch, outcomes, strict=True):
+            if outcome is Published.OK:
+                EVENTS_PUBLISHED.labels(event.kind.value).inc()
+            if not future.done():
+                future.set_result(outcome)
 
     async def _publish_batch(
         self, batch: list[tuple[SessionEvent, int, asyncio.Future[Published]]]

@@ -261,6 +261,34 @@ async def test_redis_publishes_of_many_runs_share_round_trips(redis_url: str) ->
 
 
 @pytest.mark.redis
+async def test_redis_publishes_within_the_linger_share_one_round_trip(redis_url: str) -> None:
+    """A publish after a quiet spell goes out at once; publishes made within the linger of
+    that round trip, at different times, go out together in the next one."""
+    client = Redis.from_url(redis_url)
+    bus = RedisEventBus(client, linger=0.5)
+    sessions = [uuid.uuid4() for _ in range(5)]
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        assert await bus.publish(delta(sessions[0], 1), attempt=1) is Published.OK
+        assert loop.time() - started < 0.4
+        assert bus.round_trips == 1
+
+        async def later(n: int) -> Published:
+            await asyncio.sleep(0.02 * n)
+            return await bus.publish(delta(sessions[n], 1), attempt=1)
+
+        outcomes = await asyncio.gather(*(later(n) for n in range(1, 5)))
+        assert outcomes == [Published.OK] * 4
+        assert bus.round_trips == 2
+        for session_id in sessions:
+            assert [event.seq for event in await bus.replay(session_id, 0) or []] == [1]
+    finally:
+        await bus.close()
+        await client.aclose()
+
+
+@pytest.mark.redis
 async def test_redis_batched_publishes_are_fenced_one_by_one(redis_url: str) -> None:
     """A stale run's event in the same round trip as a later run's: only the stale one is
     refused, and a duplicate seq beside them does not hold the others back."""
