@@ -79,6 +79,12 @@ class EventBus(Protocol):
         run has raised the session's fence; the first publish of an attempt raises it."""
         ...
 
+    def send(self, event: SessionEvent, *, attempt: int) -> asyncio.Future[Published]:
+        """`publish` without waiting: the outcome is the future's. A process's publishes are
+        made in the order they were sent, so a run may send its next event before the bus
+        has answered for the last."""
+        ...
+
     async def fence(self, session_id: uuid.UUID, attempt: int) -> int | None:
         """Raise the session's fence to `attempt` (a run starts) and keep its events for the
         run's length. Returns the attempt that held the fence before: 0 when the bus keeps
@@ -149,6 +155,14 @@ class MemoryEventBus:
         return before
 
     async def publish(self, event: SessionEvent, *, attempt: int) -> Published:
+        return self._publish(event, attempt)
+
+    def send(self, event: SessionEvent, *, attempt: int) -> asyncio.Future[Published]:
+        sent: asyncio.Future[Published] = asyncio.get_running_loop().create_future()
+        sent.set_result(self._publish(event, attempt))
+        return sent
+
+    def _publish(self, event: SessionEvent, attempt: int) -> Published:
         sid = event.session_id
         if self._fences.get(sid, 0) > attempt:
             return Published.FENCED

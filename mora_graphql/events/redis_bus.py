@@ -54,8 +54,9 @@ already there."""
 
 MAX_BATCH = 256
 """Events sent in one publish round trip at most."""
-MAX_IN_FLIGHT = 4
-"""Publish round trips one process has in flight at once."""
+MAX_IN_FLIGHT = 1
+"""Publish round trips one process has in flight at once: one, so that events are appended in
+the order they were sent (two round trips on two connections may run in either order)."""
 PUBLISH_LINGER = 0.005
 """Seconds between the starts of two publish round trips at least: a publish after a quiet
 spell goes out at once, those made within this of the last round trip go out together."""
@@ -78,12 +79,13 @@ class RedisEventBus:
     events are refused atomically, in the same round trip. The publishes of all of a process's
     runs share round trips: a publish after a quiet spell goes out at once, and those made within
     PUBLISH_LINGER of the last round trip's start go out together at its end (one script call,
-    each event still checked against its own fence; at most MAX_IN_FLIGHT at once), so a worker
-    streaming many sessions makes at most 1 / PUBLISH_LINGER round trips a second whatever
-    the number of sessions: a round trip costs the worker about 170 µs of CPU, an event in one
-    about 20 µs (this machine). Each process keeps one pub/sub
-    connection, subscribed to the sessions its clients follow; after a reconnect every local
-    subscriber is told to catch up from the stream, so a dropped message never becomes a gap."""
+    each event still checked against its own fence). One round trip is in flight at a time, so
+    events are appended in the order they were sent. A worker streaming many sessions thus
+    makes at most 1 / PUBLISH_LINGER round trips a second whatever the number of sessions: a
+    round trip costs it about 170 µs of CPU, an event in one about 20 µs (`bench/pipeline.py`).
+    Each process keeps one pub/sub connection, subscribed to the sessions its clients follow;
+    after a reconnect every local subscriber is told to catch up from the stream, so a dropped
+    message never becomes a gap."""
 
     def __init__(
         self,
@@ -163,16 +165,19 @@ class RedisEventBus:
         return None if before < 0 else before
 
     async def publish(self, event: SessionEvent, *, attempt: int) -> Published:
-        outcome: asyncio.Future[Published] = asyncio.get_running_loop().create_future()
+        return await self.send(event, attempt=attempt)
+
+    def send(self, event: SessionEvent, *, attempt: int) -> asyncio.Future[Published]:
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[Published] = loop.create_future()
         self._outbox.append((event, attempt, outcome))
         if self._tick is None:
-            loop = asyncio.get_running_loop()
             due = self._last_send + self.linger
             if due <= loop.time():
                 self._tick = loop.call_soon(self._send_outbox)
             else:
                 self._tick = loop.call_at(due, self._send_outbox)
-        return await outcome
+        return outcome
 
     def _send_outbox(self) -> None:
         """Send what waits, one batch per round trip; while MAX_IN_FLIGHT are in flight,

@@ -47,9 +47,6 @@ SEQ_BLOCK = 256
 DELTA_FLUSH_CHARS = 4_096
 """A pending delta this long is published at once, whatever the flush window."""
 
-READ_AHEAD = 0.002
-"""A run paused by `read_pause` reads again this long before its delta's window ends."""
-
 DELTA_KINDS = frozenset({EventKind.CODE_DELTA, EventKind.THOUGHT_DELTA})
 
 STORE_FAILED = "The results of this session could not be stored."
@@ -170,8 +167,11 @@ class SessionRecorder:
         self._pending: list[str] = []
         self._pending_chars = 0
         self._last_flush = -1e9
+        self._window: asyncio.TimerHandle | None = None
+        self._due: asyncio.Handle | None = None
+        self._reader: asyncio.Future[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
-        self._waiting = False
+        self._last_sent: asyncio.Future[Published] | None = None
         self._storing: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
 
@@ -332,6 +332,19 @@ class SessionRecorder:
         if outcome is Published.DUPLICATE:
             log.error("seq already published", seq=event.seq, attempt=self.attempt)
 
+    def _sent(self, sent: asyncio.Future[Published]) -> None:
+        """The bus's answer for a delta handed on without waiting: a refusal or a failure
+        reaches the run at its next call."""
+        if sent.cancelled():
+            return
+        failure = sent.exception()
+        if failure is not None:
+            self._failed(failure)
+        elif sent.result() is Published.FENCED:
+            self._failed(SessionEnded(self.session_id))
+        elif sent.result() is Published.DUPLICATE:
+            log.error("seq already published", attempt=self.attempt)
+
     async def _emit(
         self, kind: EventKind, *, text: str | None = None, payload: str | None = None
     ) -> SessionEvent:
@@ -374,80 +387,130 @@ class SessionRecorder:
 
     # Deltas: coalesced per session into one event per flush window.
     #
-    # The run never waits for a delta's publish: one background flusher per run publishes
-    # what is pending, and tokens arriving meanwhile join the next delta. A token after a
-    # quiet window is published at once; under load (a slow bus round trip, a long window)
-    # the deltas grow instead of the run falling behind its LLM stream.
+    # The run never waits for a delta's publish: the delta is handed to the bus (`send`),
+    # which appends a process's events in the order they were sent, and what the bus answers
+    # reaches the run at its next call. A token after a quiet window is published at once;
+    # one inside a window waits for its end, when a loop timer (no task, no lock) publishes
+    # what is pending; under load (a slow bus, a long window) the deltas grow instead of the
+    # run falling behind its LLM stream.
 
     async def _delta(self, kind: EventKind, text: str) -> None:
         self._check_failure()
         if self._pending_kind is not None and self._pending_kind is not kind:
-            await self.flush()
+            await self._flush_pending()
         self._pending_kind = kind
         self._pending.append(text)
         self._pending_chars += len(text)
-        flusher = self._flusher
-        if flusher is not None and self._waiting and self._flush_delay() <= 0:
-            flusher.cancel()  # waiting out a window the size bound just ended
-            flusher = None
-        if flusher is None:
-            self._flusher = asyncio.create_task(self._flush_soon())
+        if self._window is None:
+            delay = self._flush_delay()
+            if delay > 0:
+                self._window = asyncio.get_running_loop().call_later(delay, self._window_over)
+                return
+        elif self._pending_chars < self.pacing.flush_chars:
+            return
+        await self._flush_pending()
 
-    def read_pause(self) -> float:
-        """Seconds the run may leave its LLM stream unread: until just before the window of
-        its pending delta ends. Tokens arriving meanwhile wait in the socket and are read in
-        one go at the end of the window, in time for the same delta: a wake-up and a socket
-        read per token cost several times more than the token itself."""
-        if not self._waiting:
-            return 0.0
-        return self._flush_delay() - READ_AHEAD
+    def read_pause(self) -> asyncio.Future[None] | None:
+        """What the run may await before it reads its LLM stream on: the end of the window its
+        pending delta waits for (None: nothing waits). Tokens arriving meanwhile wait in the
+        connection and are read in one go as the window ends, just before the delta is
+        published: a wake-up and a read per token cost several times more than the token."""
+        if self._window is None or self._pending_kind is None:
+            return None
+        reader = self._reader
+        if reader is None or reader.done():
+            reader = self._reader = asyncio.get_running_loop().create_future()
+        return reader
 
     def _flush_delay(self) -> float:
         if self._pending_chars >= self.pacing.flush_chars:
             return 0.0
         return self._last_flush + self.flush_interval - time.monotonic()
 
-    async def _flush_soon(self) -> None:
-        """The run's flusher: publishes the pending delta once its window is over, again
-        while more arrived during the publish, then ends."""
+    def _window_over(self) -> None:
+        self._window = None
+        reader = self._reader
+        if reader is not None and not reader.done():
+            # The run's wake-up runs first: it reads what arrived, which joins this delta.
+            reader.set_result(None)
+            self._due = asyncio.get_running_loop().call_soon(self._flush_due)
+        else:
+            self._flush_due()
+
+    def _flush_due(self) -> None:
+        self._due = None
+        if self._pending_kind is not None and not self._flush_now():
+            self._flush_later()
+
+    def _flush_now(self) -> bool:
+        """Hand the pending delta to the bus without waiting, if that can be done here: not
+        while the lock is held (its holder may have taken the next seq and not yet sent it),
+        nor once the reserved seqs are used up (reserving more is a database write)."""
+        if self._lock.locked() or self.seq >= self.ceiling:
+            return False
+        self._disarm()
+        kind = self._pending_kind
+        if kind is None:
+            return True
+        text = "".join(self._pending)
+        self._pending_kind = None
+        self._pending = []
+        self._pending_chars = 0
+        self._last_flush = time.monotonic()
+        self.seq += 1
+        sent = self.bus.send(self._event(kind, self.seq, text, None), attempt=self.attempt)
+        sent.add_done_callback(self._sent)
+        self._last_sent = sent
+        return True
+
+    async def _flush_pending(self) -> None:
+        if not self._flush_now():
+            await self.flush()
+
+    def _flush_later(self) -> None:
+        """Publish the pending delta from a task, when `_flush_now` could not."""
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_in_task())
+
+    async def _flush_in_task(self) -> None:
         try:
-            while self._pending_kind is not None:
-                delay = self._flush_delay()
-                if delay > 0:
-                    self._waiting = True
-                    try:
-                        await asyncio.sleep(delay)
-                    finally:
-                        self._waiting = False
-                async with self._lock:
-                    await self._flush_locked()
+            await self.flush()
         except Exception as exc:
             self._failed(exc)
         finally:
             if self._flusher is asyncio.current_task():
                 self._flusher = None
 
+    def _disarm(self) -> None:
+        """No window to wait for any more: its timer is stopped and a waiting reader let go."""
+        if self._window is not None:
+            self._window.cancel()
+            self._window = None
+        if self._due is not None:
+            self._due.cancel()
+            self._due = None
+        reader = self._reader
+        if reader is not None and not reader.done():
+            reader.set_result(None)
+
     async def flush(self) -> None:
-        """Publish the pending delta now."""
+        """Publish the pending delta now, and wait until the bus has what was handed to it."""
         async with self._lock:
             await self._flush_locked()
 
     async def _flush_locked(self) -> None:
-        """Publish the pending delta (the caller holds the lock, so the flusher is not in the
-        middle of a publish: if it waits, it is stopped, and this publishes for it)."""
-        flusher = self._flusher
-        if flusher is not None and flusher is not asyncio.current_task():
-            flusher.cancel()
-            self._flusher = None
+        """Publish the pending delta (the caller holds the lock)."""
+        self._disarm()
         kind = self._pending_kind
-        if kind is None:
-            return
-        text = "".join(self._pending)
-        self._pending_kind = None
-        self._pending = []
-        self._pending_chars = 0
-        self._last_flush = time.monotonic()
-        await self._emit(kind, text=text)
+        if kind is not None:
+            text = "".join(self._pending)
+            self._pending_kind = None
+            self._pending = []
+            self._pending_chars = 0
+            self._last_flush = time.monotonic()
+            await self._emit(kind, text=text)  # (after every delta sent before it)
+        elif self._last_sent is not None and not self._last_sent.done():
+            await asyncio.wait([self._last_sent])
 
     async def close(self) -> None:
         """The run is over: a delta still pending (of a run that lost the session) is dropped."""
@@ -456,9 +519,10 @@ class SessionRecorder:
         self._failure = None
 
     async def _stop_flusher(self) -> None:
-        """Stop the flusher between publishes (never during one: that would leave its seq
-        allocated and maybe unpublished); what it had pending stays pending."""
+        """Stop publishing in the background (never in the middle of a publish: that would
+        leave its seq allocated and maybe unpublished); what is pending stays pending."""
         async with self._lock:
+            self._disarm()
             flusher, self._flusher = self._flusher, None
             if flusher is not None and flusher is not asyncio.current_task():
                 flusher.cancel()

@@ -132,24 +132,48 @@ async def test_sparse_tokens_are_not_delayed_beyond_one_window(db: Database) -> 
 
 async def test_a_run_may_leave_its_stream_unread_until_its_window_ends(db: Database) -> None:
     """While a delta waits for its window, the run may pause reading (the tokens wait in the
-    socket and join the same delta); with nothing pending it reads on at once."""
+    socket); it is woken as the window ends, and what it reads then joins the same delta.
+    With nothing pending it reads on at once."""
     bus = MemoryEventBus()
     session_id = await new_session(db)
     window = 0.1
     recorder = await begin(db, bus, session_id, checkpoint_interval=60, flush_interval=window)
     await recorder.code_delta("a")  # quiet before: published at once
     await asyncio.sleep(0.01)
-    assert recorder.read_pause() == 0.0
+    assert recorder.read_pause() is None
     await recorder.code_delta("b")  # inside the window: waits for its end
-    await asyncio.sleep(0)
     pause = recorder.read_pause()
-    assert window / 2 < pause < window
-    await asyncio.sleep(pause)
-    await recorder.code_delta("c")  # read just before the window ends: the same delta
+    assert pause is not None
+    started = time.monotonic()
+    await pause
+    assert window / 2 < time.monotonic() - started < window * 3
+    await recorder.code_delta("c")  # read as the window ends: the same delta
+    assert recorder.read_pause() is None
     await asyncio.sleep(0.05)
     deltas = [e.text for e in await events_of(bus, session_id) if e.kind is EventKind.CODE_DELTA]
     assert deltas == ["a", "bc"]
-    assert recorder.read_pause() == 0.0
+    assert await recorder.complete()
+
+
+async def test_a_reader_woken_at_the_window_end_is_never_left_waiting(db: Database) -> None:
+    """Woken as its window ends, a run that reads nothing new still has its delta published
+    at once, and asking again for a pause does not stall it."""
+    bus = MemoryEventBus()
+    session_id = await new_session(db)
+    window = 0.05
+    recorder = await begin(db, bus, session_id, checkpoint_interval=60, flush_interval=window)
+    async with bus.subscribe(session_id) as subscriber:
+        await recorder.code_delta("a")
+        assert (first := await subscriber.get(1)) is not None and first.text == "a"
+        await recorder.code_delta("b")
+        pause = recorder.read_pause()
+        assert pause is not None
+        await pause
+        again = recorder.read_pause()
+        if again is not None:
+            await asyncio.wait_for(again, 1)
+        second = await subscriber.get(1)
+        assert second is not None and second.text == "b"
     assert await recorder.complete()
 
 

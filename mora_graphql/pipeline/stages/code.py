@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 
 from mora_graphql.errors import ErrorCode, PipelineError
@@ -121,8 +120,8 @@ async def _stream_code(run: RunContext, messages: list[dict[str, str]]) -> str:
                 if released:
                     await recorder.code_delta(released, _code_progress(recorder.code))
             pause = recorder.read_pause()
-            if pause > 0:
-                await asyncio.sleep(pause)
+            if pause is not None:
+                await pause
         tail = fence.finish()
         if tail:
             await recorder.code_delta(tail)
