@@ -25,8 +25,7 @@ import httpx
 import httpx2
 import openai
 import orjson
-from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
-from openai.types.completion_usage import CompletionUsage
+from openai.types.chat import ChatCompletionMessageParam
 
 from mora_graphql.config import Settings
 from mora_graphql.db import storable_text
@@ -236,30 +235,39 @@ class LLMClient:
         usage: Usage | None,
     ) -> str:
         client = self._openai()
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "response_format": {"type": "json_object"},
+            "temperature": self._settings.deepseek_temperature,
+            "max_tokens": max_tokens or self._settings.llm_max_output_tokens,
+        }
         try:
-            response: Any = await client.chat.completions.create(
-                model=self.model,
-                messages=cast(list[ChatCompletionMessageParam], messages),
-                response_format={"type": "json_object"},
-                temperature=self._settings.deepseek_temperature,
-                max_tokens=max_tokens or self._settings.llm_max_output_tokens,
-            )
+            # The SDK's client sends it and raises status errors; the body goes as it is and
+            # the answer is read with orjson: the SDK's request transform and response models
+            # were most of the CPU of a timeline call.
+            raw = await client.post("/chat/completions", body=body, cast_to=bytes)
+            response = orjson.loads(raw)
         except openai.OpenAIError as exc:
             raise self._translate(exc) from None
         except ValueError as exc:  # the HTTP body was not JSON
             raise LLMError("the LLM API returned an invalid JSON body", retryable=True) from exc
-        if not isinstance(response, ChatCompletion):
+        if not isinstance(response, dict):
             raise LLMError("the LLM API returned a non-JSON response", retryable=True)
-        if not response.choices:
+        choices = response.get("choices")
+        if not isinstance(choices, list) or not choices:
             raise LLMError("the LLM API returned no choices", retryable=True)
-        content = response.choices[0].message.content
-        if content:
+        first = choices[0]
+        message = first.get("message") if isinstance(first, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str) and content:
             content = storable_text(content)
-        if not content or not content.strip():
+        if not isinstance(content, str) or not content.strip():
             raise LLMError("the LLM returned an empty answer", retryable=True)
         if usage is not None:
-            if response.usage is not None:
-                _record_usage(usage, response.usage)
+            reported = response.get("usage")
+            if isinstance(reported, dict):
+                _record_usage(usage, reported)
             usage.add(calls=1)
         return content
 
@@ -353,23 +361,27 @@ def _read_events(
         reported = chunk.get("usage")
         if usage is not None and isinstance(reported, dict):
             _record_usage(usage, reported)
-        for text_chunk, reason in _chunk_parts(chunk):
+        for part_kind, text, reason in _chunk_parts(chunk):
             if reason is not None:
                 finish_reason = reason
-            if text_chunk is None:
+            if part_kind is None:
                 continue
-            if text_chunk.kind != kind and texts:
-                chunks.append(LLMChunk(kind or text_chunk.kind, "".join(texts)))
+            if part_kind != kind and texts:
+                chunks.append(LLMChunk(kind or part_kind, "".join(texts)))
                 texts.clear()
-            kind = text_chunk.kind
-            texts.append(text_chunk.text)
+            kind = part_kind
+            texts.append(text)
     if texts and kind is not None:
         chunks.append(LLMChunk(kind, "".join(texts)))
     return chunks, finish_reason, failure
 
 
-def _chunk_parts(chunk: dict[str, Any]) -> list[tuple[LLMChunk | None, str | None]]:
-    parts: list[tuple[LLMChunk | None, str | None]] = []
+_Part = tuple[Literal["reasoning", "content"] | None, str, str | None]
+
+
+def _chunk_parts(chunk: dict[str, Any]) -> list[_Part]:
+    """The text of a chunk's first choice, by kind, and its finish reason (kind None)."""
+    parts: list[_Part] = []
     choices = chunk.get("choices")
     if not isinstance(choices, list):
         return parts
@@ -380,32 +392,24 @@ def _chunk_parts(chunk: dict[str, Any]) -> list[tuple[LLMChunk | None, str | Non
         if isinstance(delta, dict):
             reasoning = delta.get("reasoning_content")
             if isinstance(reasoning, str) and (reasoning := storable_text(reasoning)):
-                parts.append((LLMChunk("reasoning", reasoning), None))
+                parts.append(("reasoning", reasoning, None))
             content = delta.get("content")
             if isinstance(content, str) and (content := storable_text(content)):
-                parts.append((LLMChunk("content", content), None))
+                parts.append(("content", content, None))
         reason = choice.get("finish_reason")
         if isinstance(reason, str):
-            parts.append((None, reason))
+            parts.append((None, "", reason))
     return parts
 
 
-def _record_usage(usage: Usage, reported: CompletionUsage | Mapping[str, Any]) -> None:
-    """Add one reported usage: a streamed chunk's `usage` object or a completion's model."""
-    if isinstance(reported, Mapping):
-        prompt = reported.get("prompt_tokens")
-        completion = reported.get("completion_tokens")
-        cached = reported.get("prompt_cache_hit_tokens")  # DeepSeek
-        details = reported.get("prompt_tokens_details")
-        if not _is_count(cached) and isinstance(details, Mapping):
-            cached = details.get("cached_tokens")
-    else:
-        prompt = reported.prompt_tokens
-        completion = reported.completion_tokens
-        cached = getattr(reported, "prompt_cache_hit_tokens", None)  # DeepSeek
-        model_details = reported.prompt_tokens_details
-        if not _is_count(cached) and model_details is not None:
-            cached = model_details.cached_tokens
+def _record_usage(usage: Usage, reported: Mapping[str, Any]) -> None:
+    """Add one reported `usage` object (of a streamed chunk or of a completion)."""
+    prompt = reported.get("prompt_tokens")
+    completion = reported.get("completion_tokens")
+    cached = reported.get("prompt_cache_hit_tokens")  # DeepSeek
+    details = reported.get("prompt_tokens_details")
+    if not _is_count(cached) and isinstance(details, Mapping):
+        cached = details.get("cached_tokens")
     usage.add(
         prompt_tokens=prompt if _is_count(prompt) else 0,
         completion_tokens=completion if _is_count(completion) else 0,

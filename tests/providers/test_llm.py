@@ -179,8 +179,24 @@ async def test_complete_json_returns_garbage_verbatim(
 
 @pytest.mark.parametrize(
     "script",
-    [JSON("{not a completion", raw_body=True), JSON("   "), JSON("")],
-    ids=["invalid-http-body", "blank-content", "empty-content"],
+    [
+        JSON("{not a completion", raw_body=True),
+        JSON("[1, 2]", raw_body=True),
+        JSON('{"choices": []}', raw_body=True),
+        JSON('{"choices": [{"index": 0, "message": null}]}', raw_body=True),
+        JSON('{"choices": [{"index": 0, "message": {"content": 7}}]}', raw_body=True),
+        JSON("   "),
+        JSON(""),
+    ],
+    ids=[
+        "invalid-http-body",
+        "not-an-object",
+        "no-choices",
+        "no-message",
+        "content-not-text",
+        "blank-content",
+        "empty-content",
+    ],
 )
 async def test_complete_json_bad_replies_are_retryable(
     llm: LLMClient,
