@@ -19,6 +19,14 @@ from mora_graphql.pipeline.timeline import (
     parse_model_timeline,
     repair_timeline,
 )
+from mora_graphql.pipeline.timeline.segments import (
+    _C_DEF,
+    _MAYBE_DEF,
+    _NAMED_DEF,
+    _definition_name,
+    count_blocks,
+    split_blocks,
+)
 from mora_graphql.providers.subtitles.base import SubtitleLine
 
 PROGRAM = '''import csv
@@ -728,3 +736,84 @@ def test_final_timeline_moves_lines_to_what_is_said() -> None:
     assert source == "MODEL"
     assert (segments[0].start_line, segments[0].end_line) == (4, 5)
     assert (segments[1].start_line, segments[1].end_line) == (8, 9)
+
+
+@given(_codes)
+@settings(deadline=None, max_examples=300)
+def test_counting_blocks_agrees_with_splitting_them(code: str) -> None:
+    """The repair asks only how many blocks the code has; the count is the split's."""
+    lines = split_code_lines(code)
+    blocks = split_blocks(lines)
+    assert count_blocks(lines) == len(blocks)
+    assert [block.first for block in blocks] == sorted({block.first for block in blocks})
+
+
+def test_counting_blocks_of_a_program() -> None:
+    lines = split_code_lines(PROGRAM)
+    assert count_blocks(lines) == len(split_blocks(lines)) > 1
+
+
+_DEF_PIECES = st.sampled_from(
+    [
+        "def",
+        "class",
+        "function*",
+        "async",
+        "export",
+        "default",
+        "const",
+        "let",
+        "var",
+        "fn",
+        "pub(crate)",
+        "struct",
+        "impl",
+        "x",
+        "foo_1",
+        "(",
+        ")",
+        " ",
+        "\t",
+        "=>",
+        "=",
+        "int",
+        "*",
+        "&",
+        "{",
+        ";",
+        ":",
+        "<T>",
+        "static",
+        "record",
+        "sub",
+        "proc",
+    ]
+)
+
+
+@given(st.lists(_DEF_PIECES, max_size=12).map("".join))
+@settings(deadline=None, max_examples=2000)
+def test_the_definition_prefilter_never_hides_a_definition(line: str) -> None:
+    matched = any(p.match(line) for p in _NAMED_DEF) or _C_DEF.match(line)
+    if matched:
+        assert _MAYBE_DEF.search(line)
+
+
+def test_definitions_are_named_past_the_prefilter() -> None:
+    lines = [
+        "def f(x):",
+        "class Point:",
+        "export const add = (a, b) => a + b",
+        "int main() {",
+        "pub struct Grid {",
+        "function* gen() {",
+    ]
+    assert [_definition_name(line) for line in lines] == [
+        "f",
+        "Point",
+        "add",
+        "main",
+        "Grid",
+        "gen",
+    ]
+    assert _definition_name("total = price * count") is None

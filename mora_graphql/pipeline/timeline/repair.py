@@ -10,7 +10,7 @@ from mora_graphql.pipeline.code import split_code_lines
 from mora_graphql.pipeline.timeline.align import align_timeline, fix_line_ranges
 from mora_graphql.pipeline.timeline.model import TimelineSegment, effective_duration, sanitize
 from mora_graphql.pipeline.timeline.parse import normalize_item
-from mora_graphql.pipeline.timeline.segments import split_blocks
+from mora_graphql.pipeline.timeline.segments import count_blocks
 from mora_graphql.providers.subtitles.base import SubtitleLine
 
 SPAN_TOLERANCE = 0.1
@@ -75,7 +75,7 @@ def repair_timeline(
     if (
         len(segments) == 1
         and segments[0].end_time - segments[0].start_time >= 0.8 * total
-        and len(split_blocks(lines)) > 1
+        and count_blocks(lines) > 1
     ):
         return align_timeline(transcript, code, duration)
     return segments

@@ -93,7 +93,16 @@ def tokenize(text: str) -> set[str]:
     return out
 
 
+_MAYBE_DEF = re.compile(
+    r"\(|\b(?:def|function|fn|fun|func|sub|proc|class|struct|interface|enum|trait|object|"
+    r"record|impl|module|const|let|var)\b"
+)
+"""What every definition `_definition_name` names has: most lines of code have neither."""
+
+
 def _definition_name(line: str) -> str | None:
+    if not _MAYBE_DEF.search(line):
+        return None
     for pattern in _NAMED_DEF:
         match = pattern.match(line)
         if match:
@@ -121,9 +130,9 @@ class Block:
 
 
 def _describe(lines: Sequence[str]) -> str:
-    names = [name for name in map(_definition_name, lines) if name]
-    if names:
-        return names[0]
+    name = next(filter(None, map(_definition_name, lines)), None)
+    if name:
+        return name
     for line in lines:
         if line.strip():
             match = _COMMENT.match(line)
@@ -143,14 +152,11 @@ def _describe(lines: Sequence[str]) -> str:
 
 def _make_block(lines: Sequence[str], first: int, last: int, description: str) -> Block:
     """A block of 0-based lines first..last (inclusive)."""
-    weights: dict[str, float] = {}
-    for line in lines[first : last + 1]:
-        name = _definition_name(line)
-        for token in tokenize(line):
-            weights[token] = max(weights.get(token, 0.0), 1.0)
-        if name:
-            for token in tokenize(name):
-                weights[token] = 2.0
+    block = lines[first : last + 1]
+    weights = dict.fromkeys(tokenize("\n".join(block)), 1.0)
+    for name in filter(None, map(_definition_name, block)):
+        for token in tokenize(name):
+            weights[token] = 2.0
     return Block(first, last, description, weights)
 
 
@@ -202,8 +208,13 @@ def split_blocks(lines: Sequence[str]) -> list[Block]:
     return list(_split_blocks(tuple(lines)))
 
 
+def count_blocks(lines: Sequence[str]) -> int:
+    """How many blocks `split_blocks` makes, without describing and weighing them."""
+    return len(_block_starts(tuple(lines)))
+
+
 @functools.lru_cache(maxsize=8)
-def _split_blocks(lines: tuple[str, ...]) -> tuple[Block, ...]:
+def _block_starts(lines: tuple[str, ...]) -> tuple[int, ...]:
     starts = _split_starts(lines, 0, len(lines), "")
     indent = ""
     for _ in range(3):
@@ -214,6 +225,12 @@ def _split_blocks(lines: tuple[str, ...]) -> tuple[Block, ...]:
             break
         indent = inner
         starts = _split_starts(lines, starts[0], len(lines), indent)
+    return tuple(starts)
+
+
+@functools.lru_cache(maxsize=8)
+def _split_blocks(lines: tuple[str, ...]) -> tuple[Block, ...]:
+    starts = _block_starts(lines)
     blocks: list[Block] = []
     for n, first in enumerate(starts):
         stop = starts[n + 1] if n + 1 < len(starts) else len(lines)
