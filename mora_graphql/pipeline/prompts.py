@@ -6,6 +6,8 @@ outputs made with older prompts are not reused.
 
 from __future__ import annotations
 
+import functools
+
 from mora_graphql.languages import language_name
 from mora_graphql.pipeline.code import split_code_lines
 from mora_graphql.pipeline.transcript import TranscriptChunk
@@ -44,8 +46,10 @@ def _transcript(lines: list[str]) -> str:
     return "\n".join(lines) if lines else "(empty transcript)"
 
 
+@functools.lru_cache(maxsize=4)
 def numbered_code(code: str) -> str:
-    """The code with `  1| ` style line numbers, numbered like `split_code_lines`."""
+    """The code with `  1| ` style line numbers, numbered like `split_code_lines`. (The
+    timeline prompt measures it before it uses it: the second time it comes from a cache.)"""
     lines = split_code_lines(code)
     width = max(3, len(str(len(lines))))
     return "\n".join(

@@ -19,6 +19,7 @@ MERGED_LINE_MAX_CHARS = 200
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
 _ASCII_DENSE = re.compile(r"[!-@\[-`{-~]")
+_WITHOUT_DENSE = str.maketrans("", "", "".join(filter(_ASCII_DENSE.match, map(chr, range(128)))))
 
 
 def format_timestamp(seconds: float) -> str:
@@ -39,8 +40,8 @@ def estimate_tokens(text: str) -> int:
     """
     if not text:
         return 0
-    non_ascii = len(_NON_ASCII.findall(text))
-    dense = len(_ASCII_DENSE.findall(text))
+    non_ascii = 0 if text.isascii() else len(_NON_ASCII.findall(text))
+    dense = len(text) - len(text.translate(_WITHOUT_DENSE))
     light = len(text) - non_ascii - dense
     return (light + 2 * dense + 3) // 4 + non_ascii
 

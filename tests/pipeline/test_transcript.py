@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+import string
 
 import pytest
 from hypothesis import given, settings
@@ -203,3 +204,19 @@ def test_chunking_covers_every_line_within_budget(
         assert set(flat) == set(compact)
     if estimate_tokens("\n".join(compact)) <= budget:
         assert len(chunks) <= 1
+
+
+@given(st.text(max_size=300))
+@settings(deadline=None, max_examples=300)
+def test_estimate_tokens_counts_each_character_by_its_class(text: str) -> None:
+    """Letters and spaces a quarter token, ASCII digits and punctuation half, any other
+    character a whole one (rounded up), as the docstring says."""
+    non_ascii = sum(not ch.isascii() for ch in text)
+    dense = sum(ch in string.punctuation or ch in string.digits for ch in text)
+    light = len(text) - non_ascii - dense
+    expected = (light + 2 * dense + 3) // 4 + non_ascii if text else 0
+    assert estimate_tokens(text) == expected
+
+
+def test_estimate_tokens_of_code() -> None:
+    assert estimate_tokens("t_1 = 99;\n") == 4  # 4 light + 6 dense characters
