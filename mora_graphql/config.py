@@ -124,6 +124,7 @@ class Settings(BaseSettings):
     checkpoint_rate: float = Field(default=50.0, ge=0.0)
     delta_flush_interval: float = Field(default=0.005, ge=0.0, le=5.0)
     delta_flush_rate: float = Field(default=2000.0, ge=0.0)
+    event_publish_linger: float = Field(default=0.01, ge=0.0, le=1.0)
     cancel_wait: float = Field(default=5.0, ge=0.0)
     event_retention: int = 10_000
     event_bus_max_sessions: int = 1_000

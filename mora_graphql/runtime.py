@@ -121,7 +121,10 @@ async def build_runtime(settings: Settings, *, role: Role = "api") -> Runtime:
     cache: Cache
     if redis is not None:
         bus = RedisEventBus(
-            redis, retention=settings.event_retention, buffer=settings.subscriber_buffer
+            redis,
+            retention=settings.event_retention,
+            buffer=settings.subscriber_buffer,
+            linger=settings.event_publish_linger,
         )
         cache = RedisCache(redis)
     else:

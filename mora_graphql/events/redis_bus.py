@@ -57,9 +57,10 @@ MAX_BATCH = 256
 MAX_IN_FLIGHT = 1
 """Publish round trips one process has in flight at once: one, so that events are appended in
 the order they were sent (two round trips on two connections may run in either order)."""
-PUBLISH_LINGER = 0.005
-"""Seconds between the starts of two publish round trips at least: a publish after a quiet
-spell goes out at once, those made within this of the last round trip go out together."""
+PUBLISH_LINGER = 0.01
+"""Seconds between the starts of two publish round trips at least (`EVENT_PUBLISH_LINGER`): a
+publish after a quiet spell goes out at once, those made within this of the last round trip go
+out together."""
 
 FENCE_SCRIPT = """
 local fence = tonumber(redis.call('GET', KEYS[2]) or '0')
