@@ -408,7 +408,8 @@ class SessionRecorder:
                 return
         elif self._pending_chars < self.pacing.flush_chars:
             return
-        await self._flush_pending()
+        if not self._flush_now():
+            self._flush_later()
 
     def read_pause(self) -> asyncio.Future[None] | None:
         """What the run may await before it reads its LLM stream on: the end of the window its
@@ -445,8 +446,11 @@ class SessionRecorder:
     def _flush_now(self) -> bool:
         """Hand the pending delta to the bus without waiting, if that can be done here: not
         while the lock is held (its holder may have taken the next seq and not yet sent it),
-        nor once the reserved seqs are used up (reserving more is a database write)."""
-        if self._lock.locked() or self.seq >= self.ceiling:
+        nor once the reserved seqs are used up (reserving more is a database write), nor
+        while the bus has not answered for the last one (a slow bus: the run's deltas then go
+        one at a time, growing meanwhile, instead of piling up in the bus's queue)."""
+        sent = self._last_sent
+        if self._lock.locked() or self.seq >= self.ceiling or (sent and not sent.done()):
             return False
         self._disarm()
         kind = self._pending_kind
@@ -468,13 +472,15 @@ class SessionRecorder:
             await self.flush()
 
     def _flush_later(self) -> None:
-        """Publish the pending delta from a task, when `_flush_now` could not."""
+        """Publish the pending delta from a task, when `_flush_now` could not: after what
+        holds the lock, or once the bus has answered; again while more arrived meanwhile."""
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush_in_task())
 
     async def _flush_in_task(self) -> None:
         try:
-            await self.flush()
+            while self._pending_kind is not None:
+                await self.flush()
         except Exception as exc:
             self._failed(exc)
         finally:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from mora_graphql.db import Database, create_engine, create_sessionmaker
 from mora_graphql.events.bus import EventBus, MemoryEventBus, Published
@@ -411,3 +412,70 @@ async def test_a_resumed_run_starts_above_the_ceiling_when_the_bus_forgot(db: Da
     resumed = await begin(db, second_bus, session_id)
     assert resumed.seq > published
     assert resumed.seq < published + 1_000
+
+
+class SlowLink:
+    """A TCP relay to Redis that holds each reply for `delay` seconds: a slow bus."""
+
+    def __init__(self, host: str, port: int, delay: float) -> None:
+        self.host, self.port, self.delay = host, port, delay
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay: float) -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await src.read(65536):
+                    await asyncio.sleep(delay)
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pump(reader, up_writer, 0), pump(up_reader, writer, self.delay))
+
+
+@pytest.mark.redis
+async def test_a_slow_bus_holds_one_delta_per_run_and_never_the_run(
+    db: Database, redis_url: str
+) -> None:
+    """Publishes answered only after 0.3 s: the run's calls still return at once, at most one
+    of its deltas waits in the bus's queue (the others grow meanwhile instead of piling up),
+    and every token reaches the bus in order."""
+    url = make_url(redis_url)
+    link = SlowLink(url.host or "127.0.0.1", url.port or 6379, delay=0.3)
+    port = await link.start()
+    client = Redis(host="127.0.0.1", port=port, db=int(url.database or 0))
+    bus = RedisEventBus(client, linger=0)
+    try:
+        session_id = await new_session(db)
+        recorder = await begin(db, bus, session_id, checkpoint_interval=60, flush_interval=0.01)
+        tokens = [f"t_{n} = {n}\n" for n in range(40)]
+        slowest = 0.0
+        queued = 0
+        for token in tokens:
+            started = time.monotonic()
+            await recorder.code_delta(token)
+            slowest = max(slowest, time.monotonic() - started)
+            queued = max(queued, sum(e.session_id == session_id for e, _, _ in bus._outbox))
+            await asyncio.sleep(0.01)
+        assert slowest < 0.1, slowest
+        assert queued <= 1
+        assert await recorder.complete()
+        events = await events_of(bus, session_id)
+        deltas = [e for e in events if e.kind is EventKind.CODE_DELTA]
+        assert 1 < len(deltas) < 10, len(deltas)
+        assert rebuilt(events) == "".join(tokens) == (await row_of(db, session_id)).generated_code
+        assert [e.seq for e in events] == sorted(e.seq for e in events)
+    finally:
+        await bus.close()
+        await client.aclose()
+        await link.stop()
