@@ -54,9 +54,6 @@ already there."""
 
 MAX_BATCH = 256
 """Events sent in one publish round trip at most."""
-MAX_IN_FLIGHT = 1
-"""Publish round trips one process has in flight at once: one, so that events are appended in
-the order they were sent (two round trips on two connections may run in either order)."""
 PUBLISH_LINGER = 0.01
 """Seconds between the starts of two publish round trips at least (`EVENT_PUBLISH_LINGER`): a
 publish after a quiet spell goes out at once, those made within this of the last round trip go
@@ -117,7 +114,9 @@ class RedisEventBus:
         self._connected = asyncio.Event()
         self._closed = False
         self._outbox: list[tuple[SessionEvent, int, asyncio.Future[Published]]] = []
-        self._senders: set[asyncio.Task[None]] = set()
+        self._sender: asyncio.Task[None] | None = None
+        """The one publish round trip in flight: one, so that events are appended in the
+        order they were sent (two round trips on two connections may run in either order)."""
         self._tick: asyncio.Handle | None = None
         self._last_send = -1e9
         self.linger = linger
@@ -138,7 +137,8 @@ class RedisEventBus:
         if self._tick is not None:
             self._tick.cancel()
             self._tick = None
-        for sender in list(self._senders):
+        sender, self._sender = self._sender, None
+        if sender is not None:
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
@@ -169,52 +169,54 @@ class RedisEventBus:
         return await self.send(event, attempt=attempt)
 
     def send(self, event: SessionEvent, *, attempt: int) -> asyncio.Future[Published]:
-        loop = asyncio.get_running_loop()
-        outcome: asyncio.Future[Published] = loop.create_future()
+        outcome: asyncio.Future[Published] = asyncio.get_running_loop().create_future()
         self._outbox.append((event, attempt, outcome))
-        if self._tick is None:
-            due = self._last_send + self.linger
-            if due <= loop.time():
-                self._tick = loop.call_soon(self._send_outbox)
-            else:
-                self._tick = loop.call_at(due, self._send_outbox)
+        self._schedule()
         return outcome
 
+    def _schedule(self) -> None:
+        """The next round trip: at once after a quiet spell, else a linger after the last
+        one's start, and never while one is in flight (it schedules the next when done)."""
+        if self._tick is not None or self._sender is not None or not self._outbox:
+            return
+        loop = asyncio.get_running_loop()
+        due = self._last_send + self.linger
+        if due <= loop.time():
+            self._tick = loop.call_soon(self._send_outbox)
+        else:
+            self._tick = loop.call_at(due, self._send_outbox)
+
     def _send_outbox(self) -> None:
-        """Send what waits, one batch per round trip; while MAX_IN_FLIGHT are in flight,
-        try again a linger later."""
         self._tick = None
         loop = asyncio.get_running_loop()
         self._last_send = loop.time()
-        while self._outbox:
-            if len(self._senders) >= MAX_IN_FLIGHT:
-                self._tick = loop.call_at(self._last_send + self.linger, self._send_outbox)
-                return
-            batch, self._outbox = self._outbox[:MAX_BATCH], self._outbox[MAX_BATCH:]
-            sender = loop.create_task(self._send_batch(batch), name="redis-event-publisher")
-            self._senders.add(sender)
-            sender.add_done_callback(self._senders.discard)
+        batch, self._outbox = self._outbox[:MAX_BATCH], self._outbox[MAX_BATCH:]
+        self._sender = loop.create_task(self._send_batch(batch), name="redis-event-publisher")
 
     async def _send_batch(
         self, batch: list[tuple[SessionEvent, int, asyncio.Future[Published]]]
     ) -> None:
         try:
             outcomes = await self._publish_batch(batch)
+            for (event, _attempt, future), outcome in zip(batch, outcomes, strict=True):
+                if outcome is Published.OK:
+                    EVENTS_PUBLISHED.labels(event.kind.value).inc()
+                if not future.done():
+                    future.set_result(outcome)
         except Exception as exc:
             for _event, _attempt, future in batch:
                 if not future.done():
                     future.set_exception(exc)
-            return
         except BaseException:
             for _event, _attempt, future in batch:
                 if not future.done():
                     future.set_result(Published.UNAVAILABLE)
             raise
-        for (event, _attempt, future), outcome in zip(batch, outcomes, strict=True):
-            if outcome is Published.OK:
-                EVENTS_PUBLISHED.labels(event.kind.value).inc()
-            if not future.done():
-                future.set_result(outcome)
+        finally:
+            if self._sender is asyncio.current_task():
+                self._sender = None
+                if not self._closed:
+                    self._schedule()
 
     async def _publish_batch(
         self, batch: list[tuple[SessionEvent, int, asyncio.Future[Published]]]

@@ -408,8 +408,7 @@ class SessionRecorder:
                 return
         elif self._pending_chars < self.pacing.flush_chars:
             return
-        if not self._flush_now():
-            self._flush_later()
+        self._hand_on()
 
     def read_pause(self) -> asyncio.Future[None] | None:
         """What the run may await before it reads its LLM stream on: the end of the window its
@@ -440,7 +439,11 @@ class SessionRecorder:
 
     def _flush_due(self) -> None:
         self._due = None
-        if self._pending_kind is not None and not self._flush_now():
+        if self._pending_kind is not None:
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        if not self._flush_now():
             self._flush_later()
 
     def _flush_now(self) -> bool:
