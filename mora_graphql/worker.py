@@ -15,6 +15,7 @@ from mora_graphql.jobs.procrastinate_queue import ProcrastinateQueue, retry_stal
 from mora_graphql.jobs.reconcile import requeue_orphans
 from mora_graphql.metrics import STALLED_JOBS_RETRIED
 from mora_graphql.runtime import build_runtime, freeze_heap
+from mora_graphql.tasks import raise_if_cancelled
 from mora_graphql.tracing import setup as setup_tracing
 from mora_graphql.tracing import untraced
 
@@ -38,6 +39,7 @@ async def maintain(settings: Settings, queue: ProcrastinateQueue) -> None:
             raise
         except Exception:
             log.exception("maintenance step failed")
+        raise_if_cancelled()
         await asyncio.sleep(settings.worker_heartbeat_interval)
 
 

@@ -10,6 +10,7 @@ import structlog
 
 from mora_graphql.jobs.base import JobQueue
 from mora_graphql.metrics import ORPHANS_REQUEUED
+from mora_graphql.tasks import raise_if_cancelled
 from mora_graphql.tracing import untraced
 
 log = structlog.get_logger("mora.jobs")
@@ -38,3 +39,4 @@ async def reconcile_forever(queue: JobQueue, *, interval: float) -> None:
             raise
         except Exception:
             log.exception("reconciling sessions failed")
+        raise_if_cancelled()
