@@ -14,6 +14,7 @@ from mora_graphql.jobs.base import JobQueue, RunSession
 from mora_graphql.models import ACTIVE_STATUSES
 from mora_graphql.pipeline.run import RunOutcome
 from mora_graphql.sessions.repository import SessionRepository
+from mora_graphql.tasks import raise_if_cancelled
 from mora_graphql.tracing import job_span
 
 log = structlog.get_logger(__name__)
@@ -168,6 +169,7 @@ class InProcessQueue:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, TimeoutError):
             await asyncio.wait_for(asyncio.shield(task), self.cancel_timeout)
+        raise_if_cancelled()  # the caller's own cancellation, not the job's, goes on up
         return was_running
 
     async def orphans(self, *, older_than: float) -> list[uuid.UUID]:

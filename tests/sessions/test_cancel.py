@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
@@ -195,3 +196,39 @@ async def test_cancel_of_a_queued_session_while_redis_is_down(postgres_url: str)
         await queue.stop()
         await down.aclose()
         await engine.dispose()
+
+
+async def test_a_caller_cancelled_while_a_run_is_cancelled_is_cancelled_at_once(
+    db: Database,
+) -> None:
+    """`InProcessQueue.cancel` waits a while for the run to stop and takes the run's own
+    cancellation as its end; the caller's cancellation (a request whose client left) still
+    reaches the caller at once."""
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_to_stop(_ident: uuid.UUID, _stopping: Callable[[], bool]) -> None:
+        started.set()
+        try:
+            await release.wait()
+        except asyncio.CancelledError:
+            await release.wait()  # a run finishing its terminal write first
+            raise
+
+    queue = InProcessQueue(slow_to_stop, db, concurrency=1, cancel_timeout=3)
+    await queue.start()
+    session_id = uuid.uuid4()
+    await queue.enqueue(session_id)
+    await asyncio.wait_for(started.wait(), 5)
+    try:
+        caller = asyncio.create_task(queue.cancel(session_id))
+        await asyncio.sleep(0.1)
+        assert not caller.done()
+        began = time.monotonic()
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        assert time.monotonic() - began < 1
+    finally:
+        release.set()
+        await queue.stop()
